@@ -25,6 +25,7 @@ from herd.errors import HerdError
 # name -> (target, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("herd.train.speedrun:speedrun", "corpus -> data pipeline -> tokenizer -> pretrain -> sample, on this machine"),
+    "init": ("herd.checkpoint.cli:init", "write a randomly initialized checkpoint of a preset (demos, tests, from-scratch runs)"),
     "info": ("herd.checkpoint.cli:info", "parameter count, memory per dtype and KV-cache size of a preset or checkpoint"),
     "convert": ("herd.checkpoint.cli:convert", "convert a checkpoint between herd, Hugging Face and Meta formats"),
     "generate": ("herd.inference.cli:generate", "generate text from a prompt (streams as it goes)"),
