@@ -9,6 +9,7 @@ loads vocabularies trained by `herd tokenizer train` (any number of BPE ranks, s
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import re
@@ -111,6 +112,17 @@ def _read_ranks(path: Path) -> tuple[dict[bytes, int], str]:
     return ranks, hashlib.sha256(data).hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> tuple[dict[bytes, int], str, tiktoken.Encoding]:
+    """Parse + build once per file version: loading the 128K official ranks takes ~0.3 s, and data,
+    training and serving code all load the same file. tiktoken Encodings are immutable and thread-safe."""
+    ranks, digest = _read_ranks(Path(path))
+    n = len(ranks)
+    specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKEN_NAMES)}
+    model = tiktoken.Encoding(name=Path(path).stem, pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return ranks, digest, model
+
+
 class Tokenizer:
     """Llama 3 byte-level BPE tokenizer (tiktoken) with the 256 Llama 3.1 special tokens.
 
@@ -121,12 +133,13 @@ class Tokenizer:
     pattern = PATTERN
 
     def __init__(self, mergeable_ranks: dict[bytes, int], *, name: str = "llama3",
-                 path: str | os.PathLike | None = None, sha256: str | None = None) -> None:
+                 path: str | os.PathLike | None = None, sha256: str | None = None,
+                 _model: tiktoken.Encoding | None = None) -> None:
         self.n_bpe = len(mergeable_ranks)
         self.special_tokens: dict[str, int] = {
             tok: self.n_bpe + i for i, tok in enumerate(SPECIAL_TOKEN_NAMES)}
-        self.model = tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=mergeable_ranks,
-                                       special_tokens=self.special_tokens)
+        self.model = _model or tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=mergeable_ranks,
+                                                 special_tokens=self.special_tokens)
         self.n_words: int = self.n_bpe + NUM_SPECIAL_TOKENS
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
@@ -149,11 +162,15 @@ class Tokenizer:
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.model"
-        ranks, digest = _read_ranks(p)
+        if not p.is_file():
+            raise HerdError(f"tokenizer file '{p}' does not exist; pass the path of a Llama 3 "
+                            "tokenizer.model or a file written by `herd tokenizer train`.")
+        st = p.stat()
+        ranks, digest, model = _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
         if expected_sha256 is not None and digest != expected_sha256.lower():
             raise HerdError(f"tokenizer file '{p}' has sha256 {digest}, not the expected {expected_sha256}; "
                             "use the tokenizer the model was trained with.")
-        return cls(ranks, name=p.stem, path=p, sha256=digest)
+        return cls(ranks, name=p.stem, path=p, sha256=digest, _model=model)
 
     # -- encoding -----------------------------------------------------------------------------
 
