@@ -89,7 +89,8 @@ def _train(args: argparse.Namespace) -> int:
     from herd.tokenizer.train import train_bpe
 
     cfg = dataclass_from_args(BPETrainConfig, args)
-    tok, st = train_bpe(args.input, cfg.vocab_size, args.output, min_frequency=cfg.min_frequency,
+    # Path objects, so a mistyped name is reported as missing rather than trained on as text
+    tok, st = train_bpe([Path(p) for p in args.input], cfg.vocab_size, args.output, min_frequency=cfg.min_frequency,
                         glob=cfg.glob, max_token_chars=cfg.max_token_chars, show_progress=sys.stderr.isatty())
     mb = st.bytes / 1e6
     print(f"wrote {args.output}: n_words {tok.n_words} ({tok.n_bpe} BPE + 256 special), sha256 {tok.sha256}")

@@ -102,8 +102,9 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
               show_progress: bool = True) -> tuple[Tokenizer, TrainStats]:
     """Learn a byte-level BPE with Llama 3's pattern and write it in tiktoken format.
 
-    inputs: Paths or strings naming files/folders (.jsonl: the "text" field of each line; other
-    files: the whole file), or in-memory texts (strings that are not existing paths).
+    inputs: files/folders (.jsonl: the "text" field of each line; other files: the whole file) given
+    as Path objects (a missing one is an error) or as strings naming existing paths; any other
+    string is taken as in-memory training text.
     vocab_size: total n_words including the 256 special tokens (> 512).
     max_token_chars: longest token in characters (None for no limit); caps tokens made of long runs.
     Returns the loaded Tokenizer and TrainStats.
@@ -121,10 +122,14 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
 
     files: list[Path] = []
     texts: list[str] = []
+    explicit: set[Path] = set()  # files named directly must be UTF-8; files found in folders may be skipped
     for item in inputs:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and len(item) < 4096
                                              and "\n" not in item and os.path.exists(item)):
-            files.extend(iter_files([item], glob))
+            found = list(iter_files([item], glob))
+            if Path(item).is_file():
+                explicit.update(found)
+            files.extend(found)
         elif isinstance(item, str):
             texts.append(item)
         else:
@@ -138,7 +143,6 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
             counts["characters"] += len(text)
             counts["bytes"] += len(text.encode("utf-8"))
             yield text
-        explicit = {Path(i) for i in inputs if isinstance(i, (str, os.PathLike)) and Path(i).is_file()}
         for f in files:
             n_before = counts["documents"]
             for doc in read_documents(f, strict=f in explicit):
@@ -149,6 +153,16 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
             if counts["documents"] == n_before and f.stat().st_size > 0:
                 counts["skipped"] += 1
 
+    failure: list[BaseException] = []
+
+    def guarded() -> Iterator[str]:
+        # an exception raised inside the trainer's iterator does not reach the caller intact,
+        # so stop feeding text and re-raise it after train_from_iterator returns
+        try:
+            yield from documents()
+        except BaseException as e:  # noqa: BLE001 (re-raised below)
+            failure.append(e)
+
     hf = HFTokenizer(BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
@@ -158,8 +172,10 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
                                   max_token_length=max_token_chars)
     t0 = time.perf_counter()
-    hf.train_from_iterator(documents(), trainer)
+    hf.train_from_iterator(guarded(), trainer)
     seconds = time.perf_counter() - t0
+    if failure:
+        raise failure[0]
 
     to_byte = {ch: b for b, ch in _byte_to_unicode().items()}
     vocab = hf.get_vocab()  # byte-level string -> id, ids in the order tokens were learned
