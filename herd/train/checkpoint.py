@@ -1,0 +1,191 @@
+"""Resumable training checkpoints (torch Distributed Checkpoint), averaging, and the final export.
+
+Layout of OUT/checkpoints/step_00000100/:
+    .metadata, __R_0.distcp   DCP files: model + optimizer state, each rank writes its own shards
+    rng_rank{R}.pt            each rank's torch / CUDA / numpy / python RNG states
+    train_state.json          step, total steps, data position, config, model args, tokenizer
+                              sha256; written last (a directory with it is complete)
+
+Atomicity: everything is written into step_N.tmp, then rank 0 renames it to step_N (one rename
+on one file system) and only then deletes checkpoints beyond the newest K. A crash at any point
+leaves either the old set of complete checkpoints or the old set plus the new one; a stale
+*.tmp directory is ignored by `latest_checkpoint` and removed by the next save of that step.
+
+Model and optimizer state go through torch.distributed.checkpoint.state_dict.get_state_dict /
+set_state_dict, which handle plain modules, FSDP2 and tensor-parallel DTensors alike, so the same
+code saves one process or a thousand (and a checkpoint can be resumed on a different world size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from herd.errors import HerdError
+from herd.model import ModelArgs, Transformer
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "train_state.json"
+
+# DCP warns on every call that it runs without a process group; in one process that is the intent.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a torch.compile wrapper (state dict keys without '_orig_mod.')."""
+    return getattr(model, "_orig_mod", model)
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under root (those with train_state.json), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def read_train_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"cannot read {ckpt / STATE_FILE} ({e}); resume from an older checkpoint by "
+                        f"moving {ckpt} aside.") from None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict[str, Any], keep: int = 3) -> Path:
+    """Write step_N atomically under root (all ranks call this); returns the final directory."""
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written save of this step
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps({**train_state, "step": step}, indent=1) + "\n")
+        _publish(tmp, final)
+        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The commit point: one rename makes the checkpoint visible."""
+    if final.exists():  # re-saving a step (e.g. the end of a resumed run): replace the old copy
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def check_compatible(state: dict[str, Any], model_args: ModelArgs, ckpt: Path) -> None:
+    """HerdError when the checkpoint was written for a different model shape than this run builds."""
+    saved = state.get("model_args", {})
+    mine = model_args.to_dict()
+    diff = [k for k in mine if k in saved and saved[k] != mine[k]]
+    if diff:
+        what = ", ".join(f"{k} {saved[k]} vs {mine[k]}" for k in diff[:4])
+        raise HerdError(f"{ckpt} holds a {state.get('config', {}).get('preset', '?')} model that differs from this "
+                        f"run's {what}; resume with the checkpoint's --preset or start a new run with a new --out.")
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ckpt; returns its train_state.json."""
+    state = read_train_state(ckpt)
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(loaded, checkpoint_id=str(ckpt))
+    except Exception as e:  # DCP raises CheckpointException with per-rank tracebacks
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise HerdError(f"cannot load {ckpt} ({first}); the checkpoint is incomplete or from another model, "
+                        "resume from an older one or start a new --out.") from None
+    set_state_dict(unwrap(model), optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    rng = ckpt / f"rng_rank{_rank()}.pt"
+    if rng.is_file():  # a resume on another world size keeps the fresh RNG of the new ranks
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+@torch.no_grad()
+def average_checkpoints(ckpts: list[Path], model: torch.nn.Module) -> None:
+    """Load the mean of the model weights stored in `ckpts` into model (Polyak averaging)."""
+    target = unwrap(model)
+    avg = get_model_state_dict(target)
+    avg = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in avg.items()}
+    for ckpt in ckpts:
+        sd = {k: torch.empty_like(v) for k, v in get_model_state_dict(target).items()}
+        dcp.load({"model": sd}, checkpoint_id=str(ckpt))
+        for k, v in sd.items():
+            avg[k] += v.float() / len(ckpts)
+    like = get_model_state_dict(target)
+    set_model_state_dict(target, {k: avg[k].to(like[k].dtype) for k in avg})
+
+
+def full_model(model: torch.nn.Module, args: ModelArgs) -> Transformer | None:
+    """A plain single-device Transformer with the full weights on CPU, on rank 0 (None elsewhere)."""
+    target = unwrap(model)
+    if not tdist.is_initialized() and isinstance(target, Transformer):
+        return target
+    sd = get_model_state_dict(target, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = Transformer(args)
+    plain.load_state_dict(sd, assign=True)
+    plain.reset_buffers()
+    return plain
