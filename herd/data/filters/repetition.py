@@ -125,7 +125,7 @@ def top_ngram_frac(words: list[str], n: int, word_chars: int | None = None) -> f
 
 def dup_ngram_frac(words: list[str], n: int, word_chars: int | None = None) -> float:
     """Character fraction of words covered by word n-grams that occur at least twice."""
-    if len(words) < 2 * n - 1:  # too short to hold two occurrences, even overlapping ones
+    if len(words) <= n:  # two occurrences, even overlapping ones, need n + 1 words
         return 0.0
     word_chars = sum(map(len, words)) if word_chars is None else word_chars
     grams = list(_ngrams(words, n))
