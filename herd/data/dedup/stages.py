@@ -50,15 +50,17 @@ class StageWriter(PipelineStep):
     type = "💽 - WRITER"
 
     def __init__(self, folder: str, n_grams: int = 5, bands: int = 14, rows: int = 8, minhash_seed: int = 1,
-                 url_field: str = "url", date_field: str = "date", skip_line_domains: tuple[str, ...] = ("code",)) -> None:
+                 url_field: str = "url", date_field: str = "date", skip_line_domains: tuple[str, ...] = ("code",),
+                 signatures: bool = True) -> None:
         super().__init__()
+        self.signatures = signatures
         self.folder, self.n_grams, self.bands, self.rows = Path(folder), n_grams, bands, rows
         self.minhash_seed, self.url_field, self.date_field = minhash_seed, url_field, date_field
         self.skip_line_domains = tuple(skip_line_domains)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         a, b = hash_functions(self.bands * self.rows, self.minhash_seed)
-        for sub in ("docs", "sigs"):
+        for sub in ("docs", "sigs") if self.signatures else ("docs",):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         final = self.folder / "docs" / f"{rank:05d}.jsonl"
         tmp = final.with_name(final.name + ".tmp")
@@ -67,6 +69,12 @@ class StageWriter(PipelineStep):
             for doc in data or ():
                 with self.track_time():
                     f.write(doc_to_json(doc) + "\n")
+                self.stat_update("documents")
+                self.stat_update("chars", value=len(doc.text))
+                if not self.signatures:
+                    yield doc
+                    continue
+                with self.track_time():
                     ids.append(str(doc.id))
                     keys.append(url_key(doc.metadata.get(self.url_field)))
                     dates.append(parse_date(doc.metadata.get(self.date_field)))
@@ -75,14 +83,14 @@ class StageWriter(PipelineStep):
                           else document_line_hashes(doc.text))
                     lines.append(lh)
                     n_lines.append(lh.size)
-                self.stat_update("documents")
                 yield doc
-        _atomic_npz(self.folder / "sigs" / f"{rank:05d}.npz",
-                    ids=np.array(ids, dtype=str), url_keys=np.array(keys, dtype=np.uint64),
-                    dates=np.array(dates, dtype=np.float64),
-                    bands=np.array(bands, dtype=np.uint64).reshape(len(ids), self.bands),
-                    line_hashes=np.concatenate(lines) if lines else np.zeros(0, np.uint64),
-                    line_counts=np.array(n_lines, dtype=np.int64))
+        if self.signatures:
+            _atomic_npz(self.folder / "sigs" / f"{rank:05d}.npz",
+                        ids=np.array(ids, dtype=str), url_keys=np.array(keys, dtype=np.uint64),
+                        dates=np.array(dates, dtype=np.float64),
+                        bands=np.array(bands, dtype=np.uint64).reshape(len(ids), self.bands),
+                        line_hashes=np.concatenate(lines) if lines else np.zeros(0, np.uint64),
+                        line_counts=np.array(n_lines, dtype=np.int64))
         os.replace(tmp, final)  # the documents last: their presence marks the task's output complete
 
 
@@ -108,7 +116,7 @@ class StageReader(PipelineStep):
 
 
 class DedupPlan(PipelineStep):
-    """One global pass over every task's signatures: which documents and lines to drop.
+    """One global pass over every task's signatures (SIG_FOLDER/sigs): which documents and lines to drop.
 
     Writes FOLDER/plan/RANK.npz (per document: reason code, duplicate-of id, line bucket),
     FOLDER/plan/lines.npz (frequent line hashes per bucket) and FOLDER/plan/summary.json.
@@ -118,10 +126,12 @@ class DedupPlan(PipelineStep):
     name = "dedup plan (URL, MinHash LSH, line counts)"
     type = "🫂 - DEDUP"
 
-    def __init__(self, folder: str, n_ranks: int, url_dedup: bool = True, minhash_dedup: bool = True,
-                 line_dedup: bool = True, line_max_count: int = 6, line_bucket_docs: int = 30_000_000) -> None:
+    def __init__(self, sig_folder: str, n_ranks: int, url_dedup: bool = True, minhash_dedup: bool = True,
+                 line_dedup: bool = True, line_max_count: int = 6, line_bucket_docs: int = 30_000_000,
+                 folder: str | None = None) -> None:
         super().__init__()
-        self.folder, self.n_ranks = Path(folder), n_ranks
+        self.sig_folder, self.n_ranks = Path(sig_folder), n_ranks
+        self.folder = Path(folder) if folder else self.sig_folder
         self.url_dedup, self.minhash_dedup, self.line_dedup = url_dedup, minhash_dedup, line_dedup
         self.line_max_count, self.line_bucket_docs = line_max_count, line_bucket_docs
 
@@ -130,7 +140,7 @@ class DedupPlan(PipelineStep):
             return
         sigs = []
         for r in range(self.n_ranks):
-            path = self.folder / "sigs" / f"{r:05d}.npz"
+            path = self.sig_folder / "sigs" / f"{r:05d}.npz"
             if not path.is_file():
                 raise HerdError(f"{path} is missing: the filter stage did not finish; re-run the pipeline to complete it.")
             with np.load(path) as z:
@@ -231,6 +241,7 @@ class ApplyDedup(PipelineStep):
                             why = "line_dedup_empty"
                 if why is None:
                     self.stat_update("forwarded")
+                    self.update_doc_stats(doc)
                     yield doc
                     continue
                 self.stat_update("dropped")
