@@ -37,6 +37,18 @@ _EXPORTS = {
     "DomainClassifier": "herd.data.filters.quality",
     # reports
     "write_report": "herd.data.report",
+    # dedup, mix, pack, shards, pipeline (part B)
+    "ShardWriter": "herd.data.shards",
+    "ShardDataset": "herd.data.shards",
+    "check_tokenizer": "herd.data.shards",
+    "read_manifest": "herd.data.shards",
+    "tokenizer_info": "herd.data.shards",
+    "plan_mix": "herd.data.mix",
+    "AssignDomain": "herd.data.mix",
+    "pack_documents": "herd.data.pack",
+    "DataConfig": "herd.data.pipeline",
+    "run_pipeline": "herd.data.pipeline",
+    "build_local_corpus": "herd.data.corpus",
 }
 
 __all__ = list(_EXPORTS)
