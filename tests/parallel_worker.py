@@ -58,7 +58,8 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 def train(model: Transformer, batches, params=None) -> tuple[list[float], list[float]]:
     """AdamW steps on the given (local) batches; the global mean loss and grad norm per step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    # foreach: the multi-tensor step GPUs default to, which needs every parameter of one kind.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     losses, norms = [], []
     for inputs, targets, docs in batches:
         logits = model(inputs, document_ids=docs)  # [b, S, vocab]

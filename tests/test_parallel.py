@@ -180,3 +180,61 @@ def test_clip_grad_norm_matches_torch():
     torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
     for a, b in zip(model.parameters(), ref):
         torch.testing.assert_close(a.grad, b, rtol=1e-5, atol=1e-8)
+
+
+# ---- `herd pretrain` itself under torchrun ----
+
+PRETRAIN_FLAGS = ["--preset", "herd-1m", "--steps", "5", "--batch-size", "4", "--seq-len", "32",
+                  "--warmup-steps", "1", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "2",
+                  "--tensorboard", "false", "--log-every", "1"]
+
+
+def write_counting_shards(out: Path) -> Path:
+    """A tiny learnable corpus (counting sequences) as a train/val shard directory of a 256-id vocabulary."""
+    import numpy as np
+
+    from herd.data.shards import ShardWriter
+
+    info = {"path": "", "sha256": "", "n_words": 256, "bos_id": 254, "eos_id": 255}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("val", 20)):
+        with ShardWriter(out, split, info) as w:
+            for _ in range(n):
+                start, stride, length = rng.integers(0, 250), rng.integers(1, 4), rng.integers(5, 60)
+                w.add((start + stride * np.arange(length)) % 250)
+    return out
+
+
+def read_log(run: Path) -> tuple[list[dict], list[float]]:
+    import json
+
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "train"], [r["loss"] for r in rows if r["event"] == "val"]
+
+
+@pytest.mark.distributed
+def test_herd_pretrain_fsdp_matches_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 herd pretrain --dp 2` logs the losses of the one-process run,
+    and its exported weights (gathered from FSDP shards) equal the one-process export."""
+    from safetensors.torch import load_file
+
+    from herd.cli import main
+
+    data = write_counting_shards(tmp_path / "shards")
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "one"), *PRETRAIN_FLAGS]) == 0
+    proc = torchrun(2, ["--no-python", "herd", "pretrain", "--data", str(data), "--out", str(tmp_path / "two"),
+                        "--dp", "2", *PRETRAIN_FLAGS])
+    assert proc.returncode == 0, f"torchrun herd pretrain failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    (one, one_val), (two, two_val) = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5] and len(one) == 5
+    assert one[-1]["loss"] < one[0]["loss"] - 0.1  # it trained
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["lr"] == b["lr"]
+    assert one_val and two_val and one_val[-1] == pytest.approx(two_val[-1], abs=2e-5)
+    w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)

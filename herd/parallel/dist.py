@@ -69,7 +69,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         device = torch.device("cpu")
     backend = backend or ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+        # On GPUs, NCCL serves CUDA tensors and gloo the CPU ones (a loss or timing the loop
+        # reduces as a CPU scalar, checkpoint metadata), so no collective depends on placement.
+        spec = "cuda:nccl,cpu:gloo" if backend == "nccl" else backend
+        dist.init_process_group(backend=spec, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 

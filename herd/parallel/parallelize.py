@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from herd.errors import HerdError
@@ -102,6 +102,20 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         w = model.output.weight
         model.output.weight = nn.Parameter(distribute_tensor(w, tp_mesh, [Shard(0)]), requires_grad=w.requires_grad)
     model.logits = types.MethodType(_tensor_parallel_logits, model)
+    # The norms' weights stay whole; make them replicated DTensors too, so every parameter is a
+    # DTensor on the mesh (a foreach/fused optimizer step and DCP reject a mix of the two kinds).
+    for module in model.modules():
+        if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            distribute_module(module, tp_mesh, input_fn=_replicate_inputs, output_fn=_local_output)
+
+
+def _replicate_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                 if isinstance(t, Tensor) and not isinstance(t, DTensor) else t for t in inputs)
+
+
+def _local_output(module: nn.Module, output: Tensor, mesh: DeviceMesh) -> Tensor:
+    return output.to_local() if isinstance(output, DTensor) else output
 
 
 def _tensor_parallel_logits(self: Transformer, h: Tensor) -> Tensor:
