@@ -132,3 +132,88 @@ def test_check_tokenizer_and_corrupt_shards(tmp_path, enc, info):
         ShardDataset(tmp_path)
     with pytest.raises(HerdError, match="no shard manifest"):
         ShardDataset(tmp_path / "nowhere")
+
+
+# ---- mixing and packing ------------------------------------------------------------------------
+
+from datatrove.data import Document  # noqa: E402
+from datatrove.pipeline.filters import LambdaFilter  # noqa: E402
+
+from herd.data.mix import Bypass, assign_domain, parse_rules, parse_weights, plan_mix  # noqa: E402
+from herd.data.pack import is_validation, pack_documents  # noqa: E402
+
+
+def test_plan_mix_hits_targets_deterministically():
+    rng = np.random.default_rng(0)
+    # very unequal supply: lots of general and code, little math and multilingual
+    supply = {"general": 3000, "code": 2000, "math": 150, "multilingual": 120}
+    domains = [d for d, n in supply.items() for _ in range(n)]
+    lengths = rng.integers(50, 400, size=len(domains))
+    weights = parse_weights("general=0.5,math=0.25,code=0.17,multilingual=0.08")
+    order, report = plan_mix(lengths, domains, weights, seed=3, max_repeat=4.0)
+    got = {d: 0 for d in supply}
+    for i in order:
+        got[domains[i]] += int(lengths[i])
+    total = sum(got.values())
+    for d, w in weights.items():
+        assert abs(got[d] / total - w) < 0.01, (d, got[d] / total)
+        assert report["domains"][d]["tokens"] == got[d]
+        available = int(lengths[np.array(domains) == d].sum())
+        assert got[d] <= 4.0 * available + 400  # never more than max_repeat passes (plus one document)
+    # math is the scarce domain: it is repeated ~4 times; general is cut
+    assert report["domains"]["math"]["repeat"] > 3.5 and report["domains"]["general"]["repeat"] < 1
+    again, _ = plan_mix(lengths, domains, weights, seed=3, max_repeat=4.0)
+    other, _ = plan_mix(lengths, domains, weights, seed=4, max_repeat=4.0)
+    assert np.array_equal(order, again) and not np.array_equal(order, other)
+    # a domain without documents: the other weights are renormalized
+    no_ml = [d for d in domains if d != "multilingual"]
+    order, report = plan_mix(lengths[:len(no_ml)], no_ml, weights, seed=0)
+    assert "multilingual" not in report["domains"]
+    assert abs(report["domains"]["general"]["share"] - 0.5 / 0.92) < 0.01
+
+
+def test_domain_rules_and_weight_errors():
+    rules = parse_rules("github=code,arxiv=math")
+    assert assign_domain("a.txt", {"source": "GitHub-dump"}, rules) == "code"
+    assert assign_domain("paper", {"source": "arxiv"}, rules) == "math"
+    assert assign_domain("lib/x.rs", {}, rules) == "code"
+    assert assign_domain("doc", {"language": "fr"}, rules) == "multilingual"
+    assert assign_domain("doc", {"language": "en"}, rules) == "general"
+    assert assign_domain("doc", {"domain": "math", "language": "de"}, rules) == "math"
+    for bad in ("general", "general=x", "general=-1", "general=0"):
+        with pytest.raises(HerdError):
+            parse_weights(bad)
+
+
+def test_bypass_keeps_order_and_skips_code():
+    docs = [Document(text=f"doc {i}" + (" drop" if i % 3 == 0 else ""), id=str(i),
+                     metadata={"domain": "code" if i % 4 == 0 else "general"}) for i in range(20)]
+    inner = LambdaFilter(lambda d: "drop" not in d.text)
+    out = [d.id for d in Bypass(inner, ("code",)).run(iter(docs))]
+    expected = [d.id for d in docs if d.metadata["domain"] == "code" or "drop" not in d.text]
+    assert out == expected  # code documents with "drop" survive, in their original places
+    assert inner.stats["dropped"].total == sum(1 for d in docs if d.metadata["domain"] != "code" and "drop" in d.text)
+
+
+def test_validation_split_is_stable_and_sized():
+    ids = [f"doc-{i}" for i in range(20000)]
+    held = [is_validation(i, 0.05, seed=1) for i in ids]
+    assert abs(sum(held) / len(ids) - 0.05) < 0.006
+    assert held == [is_validation(i, 0.05, seed=1) for i in ids]
+    assert held != [is_validation(i, 0.05, seed=2) for i in ids]
+    assert not any(is_validation(i, 0.0) for i in ids[:100])
+
+
+def test_pack_documents_round_trip(tmp_path, enc):
+    texts = _texts(40, seed=5)
+    docs = [Document(text=t, id=f"d{i}", metadata={"domain": "general"}) for i, t in enumerate(texts)]
+    path = pack_documents(iter(docs), tmp_path, official_tokenizer_dir() / "tokenizer.model", val_fraction=0.2,
+                          shard_tokens=300)
+    manifest = read_manifest(path.parent)
+    assert manifest["tokenizer"]["sha256"] == "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
+    val_ids = [f"d{i}" for i in range(40) if is_validation(f"d{i}", 0.2)]
+    assert 0 < len(val_ids) < 40
+    decoded = {s: [enc.decode(d[1:-1].tolist()) for d in ShardDataset(tmp_path, s).documents()] for s in ("train", "val")}
+    assert decoded["val"] == [texts[int(i[1:])] for i in val_ids]
+    assert decoded["train"] == [t for i, t in enumerate(texts) if f"d{i}" not in val_ids]  # no mix: input order
+    assert not (tmp_path / "work").exists()

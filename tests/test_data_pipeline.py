@@ -141,3 +141,22 @@ def test_kill_midway_then_resume_is_byte_identical(inputs, clean_run, tmp_path):
     a, b = read_manifest(resumed.output_dir), read_manifest(result.output_dir)
     a.pop("created"), b.pop("created")
     assert a["splits"] == b["splits"] and a["mix"] == b["mix"]
+
+
+def test_cli_pack_inspect_and_bad_input(tmp_path, capsys):
+    from herd.cli import main
+
+    src = tmp_path / "clean.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"d{i}", "text": f"Document number {i} says hello.", "source": "x"})
+                             for i in range(30)) + "\n")
+    out = tmp_path / "shards"
+    assert main(["data", "pack", "--input", str(src), "--output", str(out), "--tokenizer", TOKENIZER,
+                 "--val-fraction", "0.1"]) == 0
+    assert main(["data", "inspect", str(out), "--seq-len", "8", "--window", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "herd-shards-v1" in text and "windows of 8 tokens" in text and "Document number" in text
+    ds = ShardDataset(out)
+    assert ds.n_documents + ShardDataset(out, "val").n_documents == 30
+    # a missing input is one clear error line and exit status 2, not a traceback
+    assert main(["data", "run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
