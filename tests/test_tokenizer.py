@@ -149,6 +149,22 @@ def test_long_runs_follow_meta_chunking(tok, hf, text):
     assert tok.decode(want) == text
 
 
+def test_fast_run_check_cuts_exactly_like_meta_loop():
+    import random
+
+    from herd.tokenizer.core import split_for_tiktoken
+
+    rng = random.Random(0)
+    for trial in range(25):
+        parts = []
+        for _ in range(rng.randint(1, 5)):
+            unit = rng.choice([" ", "\n\t ", "x", "é👋", "ab cd "])
+            n = rng.choice([1, 100, 24_999, 25_000, 25_001, 50_000, 50_001, 75_001, rng.randint(1, 90_000)])
+            parts.append((unit * n)[:n])
+        text = "".join(parts)
+        assert split_for_tiktoken(text) == meta_pieces(text), trial
+
+
 def test_thirty_thousand_spaces_differ_from_tokenizer_json_only_at_the_cut(tok, hf):
     text = " " * 30_000 + "x"
     ours, theirs = tok.encode(text), hf.encode(text, add_special_tokens=False).ids

@@ -59,6 +59,25 @@ SPECIAL_TOKEN_NAMES: list[str] = _NAMED_SPECIALS + [
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
+def _has_long_run(chunk: str) -> bool:
+    """Whether `chunk` holds a run of more than MAX_RUN_CHARS whitespace or non-whitespace characters.
+
+    Every such run covers one of the positions 0, L, 2L, ... (L = MAX_RUN_CHARS), so it is enough to
+    measure the run through each of those positions. str.strip/split use str.isspace, like Meta's
+    loop, and scan only the run itself, so this costs almost nothing next to a full regex scan.
+    """
+    n, limit = len(chunk), MAX_RUN_CHARS
+    for p in range(0, n, limit):
+        after, before = chunk[p:p + limit + 1], chunk[max(0, p - limit):p]
+        if chunk[p].isspace():
+            run = (len(after) - len(after.lstrip())) + (len(before) - len(before.rstrip()))
+        else:
+            run = len(after.split(None, 1)[0]) + (len(before.rsplit(None, 1)[-1]) if before and not before[-1].isspace() else 0)
+        if run > limit:
+            return True
+    return False
+
+
 def split_for_tiktoken(text: str) -> list[str]:
     """Meta's pieces: 400,000-char chunks, each cut so no run of (non-)whitespace exceeds 25,000 chars.
 
@@ -70,6 +89,9 @@ def split_for_tiktoken(text: str) -> list[str]:
     for start in range(0, max(len(text), 1), MAX_ENCODE_CHARS):
         chunk = text[start:start + MAX_ENCODE_CHARS]
         if len(chunk) <= MAX_RUN_CHARS:
+            pieces.append(chunk)
+            continue
+        if not _has_long_run(chunk):
             pieces.append(chunk)
             continue
         cut = 0
@@ -140,6 +162,8 @@ class Tokenizer:
             tok: self.n_bpe + i for i, tok in enumerate(SPECIAL_TOKEN_NAMES)}
         self.model = _model or tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=mergeable_ranks,
                                                  special_tokens=self.special_tokens)
+        core = getattr(self.model, "_core_bpe", None)
+        self._core_encode_ordinary = core.encode_ordinary if core is not None else self.model.encode_ordinary
         self.n_words: int = self.n_bpe + NUM_SPECIAL_TOKENS
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
@@ -152,6 +176,14 @@ class Tokenizer:
         self.stop_tokens: set[int] = {self.eos_id, self.eom_id, self.eot_id}
         self.path: str | None = None if path is None else str(path)
         self.sha256: str | None = sha256
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        # tiktoken's Rust core directly: its Python wrapper only adds a retry for lone surrogates,
+        # which we keep, and per-call overhead matters for short documents
+        try:
+            return self._core_encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self.model.encode_ordinary(text)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, expected_sha256: str | None = None) -> "Tokenizer":
@@ -179,18 +211,23 @@ class Tokenizer:
         """Token ids of `text`; special-token strings count as text unless listed in `allowed_special`."""
         if not isinstance(text, str):
             raise HerdError(f"Tokenizer.encode takes a str, got {type(text).__name__}; decode bytes as UTF-8 first.")
-        ids: list[int] = [self.bos_id] if bos else []
         if not allowed_special:
-            enc = self.model.encode_ordinary
-            if len(text) <= MAX_RUN_CHARS:  # the common case: one piece, no splitting work
-                ids.extend(enc(text))
+            pieces = [text] if len(text) <= MAX_RUN_CHARS else split_for_tiktoken(text)
+            if len(pieces) == 1:  # the common case: no copying
+                ids = self._encode_ordinary(pieces[0])
             else:
-                for piece in split_for_tiktoken(text):
-                    ids.extend(enc(piece))
-        else:
-            allowed = "all" if allowed_special == "all" else set(allowed_special)
-            for piece in split_for_tiktoken(text):
-                ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
+                ids = []
+                for piece in pieces:
+                    ids.extend(self._encode_ordinary(piece))
+            if bos:
+                ids.insert(0, self.bos_id)
+            if eos:
+                ids.append(self.eos_id)
+            return ids
+        ids: list[int] = [self.bos_id] if bos else []
+        allowed = "all" if allowed_special == "all" else set(allowed_special)
+        for piece in split_for_tiktoken(text):
+            ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
         if eos:
             ids.append(self.eos_id)
         return ids
