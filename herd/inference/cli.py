@@ -1,0 +1,206 @@
+"""`herd generate` and `herd chat`: text in, streamed text out, on top of the token-id Engine.
+
+Tokenizing, the Llama 3 chat format and streaming UTF-8 decode happen here; the engine sees ids.
+Sampling flags (--temperature, --top-p, --top-k, --min-p, --seed, --max-new-tokens, --stop-tokens)
+come from the SamplingParams dataclass. The tokenizer's stop tokens (end_of_text, eom, eot) always
+end a reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.errors import HerdError
+from herd.inference.engine import Engine
+from herd.inference.sampling import SamplingParams
+
+_DTYPES = ["fp32", "bf16", "fp16"]
+
+
+def _add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="checkpoint folder (herd, Hugging Face or Meta format)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer.model (default: the one stored with the checkpoint)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                        help="compute dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster steps)")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
+    add_dataclass_args(parser, SamplingParams, skip=("logprobs",), group="sampling")
+
+
+def _load(ns: argparse.Namespace):
+    """(model, tokenizer) from the flags, with one-sentence errors for the usual mistakes."""
+    from herd.checkpoint import find_tokenizer, load_checkpoint
+    from herd.tokenizer import Tokenizer
+
+    if not ns.checkpoint.exists():
+        raise HerdError(f"checkpoint {ns.checkpoint} does not exist; pass the folder `herd init` or `herd convert` wrote.")
+    tok_path = ns.tokenizer or find_tokenizer(ns.checkpoint)
+    if tok_path is None:
+        raise HerdError(f"no tokenizer.model found with the checkpoint {ns.checkpoint}; pass --tokenizer PATH.")
+    if not Path(tok_path).exists():
+        raise HerdError(f"tokenizer file {tok_path} does not exist; pass an existing tokenizer.model with --tokenizer.")
+    tokenizer = Tokenizer.from_file(tok_path)
+    device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise HerdError(f"device '{device}' is not available here; use --device cpu.") from None
+    model = load_checkpoint(ns.checkpoint, device=device, dtype=ns.dtype)
+    if tokenizer.n_words > model.args.vocab_size:
+        raise HerdError(f"the tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}; "
+                        "use the tokenizer the model was trained with.")
+    return model, tokenizer
+
+
+def _sampling(ns: argparse.Namespace, tokenizer) -> SamplingParams:
+    params = dataclass_from_args(SamplingParams, ns)
+    params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens))
+    return params
+
+
+def _context(ns: argparse.Namespace, model, need: int) -> int:
+    """KV cache length: --max-seq-len, else `need` capped at the model's context."""
+    if ns.max_seq_len is not None:
+        if ns.max_seq_len < 2:
+            raise HerdError(f"--max-seq-len must be at least 2, got {ns.max_seq_len}.")
+        return ns.max_seq_len
+    return min(need, model.args.max_seq_len)
+
+
+def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tokenizer, out) -> tuple[list[int], float]:
+    """Generate one reply, writing its text to `out` as it comes. Returns (ids without the stop token, seconds)."""
+    decoder = tokenizer.stream_decoder()
+    ids: list[int] = []
+    start = time.perf_counter()
+    for events in engine.stream([prompt], params):
+        for e in events:
+            if e.finish_reason == "stop":
+                continue
+            ids.append(e.token)
+            text = decoder.push(e.token)
+            if text:
+                out.write(text)
+                out.flush()
+    out.write(decoder.flush())
+    out.flush()
+    return ids, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# herd generate
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt as one user message in the Llama 3 chat format (for instruct models)")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|>")
+    _add_common_args(parser)
+
+
+def run_generate(ns: argparse.Namespace) -> int:
+    text = sys.stdin.read() if ns.prompt == "-" else ns.prompt
+    model, tokenizer = _load(ns)
+    params = _sampling(ns, tokenizer)
+    if ns.chat:
+        from herd.tokenizer import ChatFormat
+
+        prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": text}])
+    else:
+        prompt = tokenizer.encode(text, bos=not ns.no_bos)
+    engine = Engine(model, max_batch_size=1, max_seq_len=_context(ns, model, len(prompt) + params.max_new_tokens),
+                    compile=ns.compile)
+    engine.check_request(prompt, params)
+    ids, seconds = _stream_reply(engine, prompt, params, tokenizer, sys.stdout)
+    sys.stdout.write("\n")
+    print(f"[{len(prompt)} prompt tokens, {len(ids)} generated in {seconds:.2f} s, "
+          f"{len(ids) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# herd chat
+
+_CHAT_HELP = "commands: /reset (clear the history), /system TEXT (new system prompt, clears history), /exit"
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--chat-style", choices=["hf", "meta"], default="hf",
+                        help="'hf': Llama 3.1 Instruct's template (date lines in the system header); "
+                             "'meta': Meta's plain dialog format (for models trained from scratch)")
+    _add_common_args(parser)
+
+
+def _fit_history(chat, messages: list[dict], budget: int) -> list[int] | None:
+    """Prompt ids of the dialog, dropping the oldest turns (never the system prompt) until it fits `budget`."""
+    while True:
+        ids = chat.encode_dialog_prompt(messages)
+        if len(ids) <= budget:
+            return ids
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:  # only the new user message is left and it alone is too long
+            return None
+        del messages[first]
+
+
+def run_chat(ns: argparse.Namespace) -> int:
+    from herd.tokenizer import ChatFormat
+
+    model, tokenizer = _load(ns)
+    params = _sampling(ns, tokenizer)
+    chat = ChatFormat(tokenizer, style=ns.chat_style)
+    max_len = _context(ns, model, min(model.args.max_seq_len, 8192))
+    if params.max_new_tokens >= max_len:
+        raise HerdError(f"--max-new-tokens {params.max_new_tokens} leaves no room for the dialog in a context "
+                        f"of {max_len}; lower it or raise --max-seq-len.")
+    engine = Engine(model, max_batch_size=1, max_seq_len=max_len, compile=ns.compile)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"herd chat ({_CHAT_HELP})", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                messages = list(system)
+                print("[history cleared]", file=sys.stderr)
+            elif cmd == "/system":
+                system = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
+                messages = list(system)
+                print("[system prompt set, history cleared]", file=sys.stderr)
+            else:
+                print(_CHAT_HELP, file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = _fit_history(chat, messages, max_len - params.max_new_tokens)
+        if prompt is None:
+            messages.pop()
+            print(f"herd: error: that message is longer than the context of {max_len} tokens "
+                  f"minus --max-new-tokens {params.max_new_tokens}; send a shorter one.", file=sys.stderr)
+            continue
+        ids, _ = _stream_reply(engine, prompt, params, tokenizer, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": tokenizer.decode(ids)})
+    return 0

@@ -1,0 +1,133 @@
+"""Sampling: the per-request SamplingParams and the pure functions that turn logits into a token.
+
+Order of the filters (as in Hugging Face's logits warpers): temperature, top-k, top-p, min-p,
+then a draw from the renormalized distribution with the request's own torch.Generator, so a
+seeded request gives the same tokens whatever else is in its batch. Temperature 0 is greedy
+(argmax of the raw logits; the first index wins ties, as in transformers).
+
+The filters work on logits and return logits with removed tokens set to -inf, so they compose
+and the final softmax renormalizes in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from herd.errors import HerdError
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. Defaults follow Meta's reference (temperature 0.6, top-p 0.9)."""
+
+    temperature: float = 0.6
+    """Softmax temperature; 0 means greedy (always the most likely token)."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability mass exceeds p (1 = off)."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens (unset = off)."""
+    min_p: float | None = None
+    """Keep tokens whose probability is at least min_p times the top token's (unset = off)."""
+    seed: int | None = None
+    """Random seed of this request's sampler, for reproducible samples (unset = nondeterministic)."""
+    max_new_tokens: int = 256
+    """Stop after this many generated tokens."""
+    stop_tokens: list[int] = field(default_factory=list)
+    """Token ids that end the generation (not included in the returned tokens)."""
+    logprobs: bool = False
+    """Also return the log-probability of each generated token under the unmodified distribution."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise HerdError(f"temperature must be >= 0, got {self.temperature}; use 0 for greedy decoding.")
+        if not 0 < self.top_p <= 1:
+            raise HerdError(f"top_p must be in (0, 1], got {self.top_p}; use 1 to turn nucleus sampling off.")
+        if self.top_k is not None and self.top_k < 1:
+            raise HerdError(f"top_k must be a positive integer, got {self.top_k}; leave it unset to turn it off.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise HerdError(f"min_p must be in [0, 1], got {self.min_p}; leave it unset to turn it off.")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise HerdError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A torch.Generator seeded for this request (None when no seed is set: the global RNG is used)."""
+        if self.seed is None:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed)
+        return g
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature (temperature > 0). [..., V] -> [..., V]"""
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
+    """Keep the k largest logits of the last dim, set the rest to -inf. [..., V] -> [..., V]"""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # [..., 1] the k-th largest
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest prefix of tokens sorted by probability whose mass exceeds p; the top token always stays.
+
+    A token is dropped when the mass of the tokens before it already exceeds p (Meta's sample_top_p).
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [..., V]
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [..., V] mass of the strictly more likely tokens
+    drop_sorted = mass_before > p
+    drop_sorted[..., 0] = False  # float rounding must never empty the set
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float | None) -> Tensor:
+    """Keep tokens whose probability is at least min_p times the largest probability. [..., V] -> [..., V]"""
+    if not min_p:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # [..., 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution a non-greedy request samples from: all filters applied, renormalized. [..., V]"""
+    x = apply_temperature(logits.float(), params.temperature)
+    x = top_k_filter(x, params.top_k)
+    x = top_p_filter(x, params.top_p)
+    x = min_p_filter(x, params.min_p)
+    return torch.softmax(x, dim=-1)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of probs [B, V] -> LongTensor [B]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    """Choose the next token of every row of logits [B, V] under that row's params. -> LongTensor [B]"""
+    if all(p.greedy for p in params):  # the common fast path: one argmax for the whole batch
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        row = logits[i:i + 1]  # [1, V]
+        out[i] = row.argmax(dim=-1)[0] if p.greedy else sample(sampling_probs(row, p), g)[0]
+    return out
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log_softmax of the unmodified logits at the chosen tokens (negative cross-entropy). [B, V], [B] -> [B]"""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
