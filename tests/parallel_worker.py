@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[int, int, dict]] = {
     "fsdp_tied": (2, 1, {"tied": True}),
     "tp_tied": (1, 2, {"tied": True}),
     "fsdp_ac": (2, 1, {"activation_checkpointing": True}),
+    "fsdp_bf16": (2, 1, {"mixed_precision": "bf16"}),
     "fsdp_tp": (2, 2, {}),
     "fsdp_tp_tied": (2, 2, {"tied": True, "activation_checkpointing": True}),
 }

@@ -25,7 +25,8 @@ from herd.parallel import (DistInfo, all_reduce_mean, build_mesh, build_model, c
                            full_state_dict, init_distributed, is_main, parallelize)
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-TWO = ["fsdp", "tp", "fsdp_tied", "tp_tied", "fsdp_ac"]
+TWO = ["fsdp", "tp", "fsdp_tied", "tp_tied", "fsdp_ac"]  # must equal one process to float tolerance
+BF16 = "fsdp_bf16"  # bf16 compute: close to, not equal to, one fp32 process
 FOUR = ["fsdp_tp_tied"]  # the hardest 2-D case: a tied weight sharded on both dims, with checkpointing
 
 
@@ -44,7 +45,7 @@ def launch(tmp_path_factory, nproc: int, scenarios: list[str]) -> dict[str, dict
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
-    return launch(tmp_path_factory, 2, TWO)
+    return launch(tmp_path_factory, 2, TWO + [BF16])
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,16 @@ def test_two_ranks_train_like_one_process(two_rank_runs, name):
     """fsdp: dp=2 (FSDP2); tp: tp=2 (DTensor); the same tied to embeddings; FSDP + activation checkpointing."""
     assert two_rank_runs[name]["world_size"] == 2
     check_same_training(two_rank_runs[name], name)
+
+
+@pytest.mark.distributed
+def test_fsdp_bf16_mixed_precision(two_rank_runs):
+    """MixedPrecisionPolicy(bf16 params, fp32 reduce): fp32 master weights, bf16 compute."""
+    got, ref = two_rank_runs[BF16], single_process(BF16)
+    assert all(v.dtype == torch.float32 for v in got["final"].values())  # the sharded master copy stays fp32
+    diff = (torch.tensor(got["losses"]) - torch.tensor(ref["losses"])).abs()
+    assert diff.max() < 0.05, diff  # bf16 has ~3 significant digits
+    assert diff.max() > 1e-6, "bf16 compute should not reproduce fp32 exactly; was the policy applied?"
 
 
 @pytest.mark.distributed
@@ -238,3 +249,18 @@ def test_herd_pretrain_fsdp_matches_single_process(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
+
+
+@pytest.mark.gpu
+def test_compiled_checkpointed_blocks_match_eager_on_gpu():
+    """torch.compile per block (+ activation checkpointing) trains like eager; names stay unchanged.
+    (On 2 CPU cores inductor needs ~2 minutes for this, so it runs where a GPU is.)"""
+    def run(**opts):
+        model = build_model(pw.model_args(), None, "cuda", seed=pw.SEED, **opts)
+        batches = [tuple(t.cuda() for t in b) for b in pw.global_batches()]
+        return pw.train(model, batches)[0], [n for n, _ in model.named_parameters()]
+
+    eager, names = run()
+    compiled, names_c = run(compile=True, activation_checkpointing=True)
+    assert names_c == names
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=0, atol=1e-3)
