@@ -2,9 +2,10 @@
 
 A document becomes the set of its word 5-grams (lower-cased \\w+ words; digits are kept, unlike
 datatrove's stage, which maps them to 0). Each shingle is hashed to 32 bits; `bands * rows`
-universal hash functions h(x) = ((a x + b) mod (2^61 - 1)) mod 2^32 give the signature (the
-minimum of each function over the shingles), so two documents agree on one signature entry with
-probability equal to their Jaccard similarity J. LSH: the signature is cut into `bands` bands
+multiply-add-shift hash functions h(x) = ((a x + b) mod 2^64) >> 32 (Dietzfelbinger; a odd,
+a and b random 64-bit; no division, so ~1.5-3x faster in numpy than mod 2^61 - 1) give the
+signature (the minimum of each function over the shingles), so two documents agree on one
+signature entry with probability ~ their Jaccard similarity J. LSH: the signature is cut into `bands` bands
 of `rows` entries; two documents are candidates when any band matches entirely, which happens
 with probability 1 - (1 - J^rows)^bands (14 x 8: ~50% at J = 0.72, ~92% at J = 0.8, >99.9% at 0.9).
 
@@ -19,16 +20,15 @@ import zlib
 
 import numpy as np
 
-MERSENNE_61 = np.uint64((1 << 61) - 1)
 _WORD = re.compile(r"\w+")
 _FNV = np.uint64(0x100000001B3)
 
 
 def hash_functions(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) coefficients of n universal hash functions, uint64 [n] each, below 2^32."""
+    """The (a, b) coefficients of n multiply-add-shift hash functions, uint64 [n] each (a odd)."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 32, size=n, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
+    a = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, size=n, dtype=np.uint64)
     return a, b
 
 
@@ -47,12 +47,13 @@ def shingle_hashes(text: str, n_grams: int = 5) -> np.ndarray:
     return np.unique(h)
 
 
-def signature(shingles: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
+def signature(shingles: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 4096) -> np.ndarray:
     """MinHash signature uint32 [len(a)] of a shingle set (all 0xFFFFFFFF for an empty set)."""
     sig = np.full(a.size, 0xFFFFFFFF, dtype=np.uint64)
+    shift = np.uint64(32)
     for start in range(0, shingles.size, block):  # bounded memory: block x n_hashes at a time
         x = shingles[start:start + block, None]                    # [B, 1]
-        values = ((a[None, :] * x + b[None, :]) % MERSENNE_61) & np.uint64(0xFFFFFFFF)  # [B, H]
+        values = (x * a[None, :] + b[None, :]) >> shift            # [B, H], wraps mod 2^64
         np.minimum(sig, values.min(axis=0), out=sig)
     return sig.astype(np.uint32)
 
