@@ -162,14 +162,8 @@ def filter_steps(inputs: Sequence[str], cfg: DataConfig, folder: Path) -> list[A
         return JsonlWriter(str(folder / "excluded" / name), output_filename="${rank}.jsonl", compression=None)
 
     skip = _split(cfg.filter_skip_domains)
-    kwargs = {"text_key": cfg.text_key} if cfg.input_format in ("auto", "jsonl", "parquet") else {}
-    steps: list[Any] = []
-    for path in inputs:
-        fmt = cfg.input_format
-        try:
-            steps.append(make_reader(path, fmt, **kwargs))
-        except TypeError:  # text-folder readers take no text_key
-            steps.append(make_reader(path, fmt))
+    # doc_progress: datatrove's per-task progress bar over documents (the long part of a run)
+    steps: list[Any] = [make_reader(path, cfg.input_format, text_key=cfg.text_key, doc_progress=True) for path in inputs]
     if cfg.domain_model:
         from herd.data.filters.quality import DomainClassifier
 
