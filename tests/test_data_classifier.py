@@ -16,7 +16,9 @@ from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.writers import JsonlWriter
 
-from herd.data.classifier_cli import add_score_args, add_train_classifier_args, run_score, run_train_classifier
+from herd.data.classifier_cli import (add_fit_kl_args, add_score_args, add_train_classifier_args, run_fit_kl,
+                                      run_score, run_train_classifier)
+from herd.data.filters.kl import TokenDistribution
 from herd.data.filters.quality import (ClassifierTrainConfig, DomainClassifier, FastTextClassifier, QualityFilter,
                                        QualityScorer, top_fraction_threshold, train_classifier)
 from herd.data.readers import make_reader
@@ -161,6 +163,10 @@ def test_cli_train_and_score(tmp_path, corpus, capsys):
     with pytest.raises(HerdError, match="no label"):
         run_score(_parse(add_score_args, ["--model", str(model), "--input", str(to_score), "--output", str(out),
                                           "--positive-label", "good"]))
+    # fit-kl: the corpus distribution of the positive folder; its own documents are typical
+    assert run_fit_kl(_parse(add_fit_kl_args, ["--input", str(pos), "--output", str(tmp_path / "kl.json")])) == 0
+    dist = TokenDistribution.load(tmp_path / "kl.json")
+    assert dist.kl(prose[0]) <= dist.percentile_threshold(100) < dist.kl("zebra " * 50)
     with pytest.raises(HerdError, match="two labels"):
         run_train_classifier(_parse(add_train_classifier_args, ["--positive", str(pos), "--output", str(model)]))
 

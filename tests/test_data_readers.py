@@ -14,7 +14,7 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.writers import JsonlWriter
 
 from herd.data.readers import iter_documents, make_reader
-from herd.data.report import write_report
+from herd.data.report import add_report_args, run_report, write_report
 from herd.errors import HerdError
 
 
@@ -120,3 +120,9 @@ def test_reader_in_datatrove_pipeline_stats_reach_report(messy_jsonl, tmp_path):
     assert reader["problems"] == {"malformed_json": 2, "bad_text_field": 1, "empty_documents": 2, "non_utf8": 1}
     assert reader["docs_in"] == 8 and reader["docs_kept"] == 3 and reader["docs_dropped"] == 5
     assert "malformed_json 2" in (tmp_path / "report" / "report.md").read_text()
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_report_args(parser)
+    assert run_report(parser.parse_args([str(out)])) == 0
+    assert json.loads((out / "report" / "report.json").read_text())["stages"][0]["steps"][0]["docs_in"] == 8

@@ -1,11 +1,13 @@
-"""`herd data train-classifier` and `herd data score`: fastText quality / domain classifiers from the command line.
+"""`herd data train-classifier`, `herd data score` and `herd data fit-kl`: the model-based filters' command line.
 
 herd/data/cli.py registers these as subcommands; each pair is add_<name>_args(parser) and
-run_<name>(args), like every herd command.
+run_<name>(args), like every herd command. fit-kl fits the corpus token distribution that
+KLFilter compares documents against.
 
     herd data train-classifier --positive docs/ --negative web.jsonl --output hq.bin
     herd data train-classifier --input labeled.jsonl --label-key domain --output domain.bin
     herd data score --model hq.bin --input web.jsonl --output scored.jsonl --keep-top 0.3 --plot q.png
+    herd data fit-kl --input corpus/ --output kl.json
 """
 
 from __future__ import annotations
@@ -151,4 +153,29 @@ def run_score(args: argparse.Namespace) -> int:
         plot_score_histogram(all_scores, args.plot, title=f"{args.key} ({len(all_scores)} documents)",
                              threshold=threshold)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def add_fit_kl_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, help="files/folders of a corpus sample")
+    parser.add_argument("--output", required=True, help="where to write the distribution JSON (KLConfig.distribution)")
+    parser.add_argument("--max-docs", type=int, default=100000, help="documents of the sample to read")
+    parser.add_argument("--vocab-size", type=int, default=50000, help="most frequent tokens kept; the rest share one bucket")
+    parser.add_argument("--tokenizer", default="", help="herd tokenizer file to count token ids (default: lowercase words)")
+    parser.add_argument("--text-key", default="text", help="field holding the text in jsonl/parquet input")
+    parser.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"], help="input format")
+
+
+def run_fit_kl(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from herd.data.filters.kl import fit_token_distribution
+
+    docs = iter_documents(args.input, format=args.format, text_key=args.text_key)
+    texts = [d.text for d in tqdm(islice(docs, args.max_docs), desc="reading sample", unit="doc", mininterval=1.0)]
+    dist = fit_token_distribution(texts, vocab_size=args.vocab_size, tokenizer_path=args.tokenizer)
+    dist.save(args.output)
+    q = dist.kl_quantiles
+    print(f"fitted on {len(texts)} documents, {len(dist.counts)} tokens kept -> {args.output}")
+    print(f"KL (nats) median {q[500]:.3f}, 99th percentile {q[990]:.3f}, max {q[-1]:.3f}")
     return 0

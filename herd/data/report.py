@@ -25,6 +25,7 @@ characters (datatrove's doc_len).
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -230,3 +231,16 @@ def write_report(pipeline_dir: str | Path, report_dir: str | Path, n_examples: i
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, report_dir / name)
     return report
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline_dir", help="the folder a pipeline wrote (holding datatrove logging dirs and excluded/)")
+    parser.add_argument("--output", default=None, help="report folder (default: PIPELINE_DIR/report)")
+    parser.add_argument("--examples", type=int, default=N_EXAMPLES, help="dropped documents shown per filter and reason")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    out = args.output or os.path.join(args.pipeline_dir, "report")
+    report = write_report(args.pipeline_dir, out, args.examples)
+    print(f"wrote {out}/report.md and report.json ({len(report['stages'])} stages)")
+    return 0

@@ -49,7 +49,7 @@ class KLConfig:
     """Token-distribution KL filter."""
 
     distribution: str = ""
-    """Path of the corpus distribution JSON written by fit_token_distribution (`herd data fit-kl`)."""
+    """Path of the corpus distribution JSON written by fit_token_distribution (`herd data fit-kl`, registered from herd.data.classifier_cli)."""
     max_kl: float | None = None
     """Drop documents with KL above this many nats; overrides max_percentile when set."""
     max_percentile: float = 99.0

@@ -16,8 +16,9 @@ first occurrence is not counted).
 Words are `text.split()` (whitespace tokens); "characters of words" means the sum of their
 lengths (whitespace is not counted), denoted W below.
 
-- top_{n}gram_frac (n = 2, 3, 4): the most frequent word n-gram occurs c times; its characters
-  (sum of its words' lengths) times c, over W, capped at 1. 0 when no n-gram occurs twice.
+- top_{n}gram_frac (n = 2, 3, 4): the most frequent word n-gram occurs c times (ties: the one
+  that occurs first, as datatrove's Counter.most_common); its characters (sum of its words'
+  lengths) times c, over W, capped at 1. 0 when no n-gram occurs twice.
 - dup_{n}gram_frac (n = 5 .. 10): mark every word position covered by at least one occurrence
   of an n-gram that occurs two or more times in the document; the characters of the marked
   words over W. Overlapping occurrences are not double-counted (the paper's wording).
