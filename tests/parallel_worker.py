@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from herd.model import ModelArgs, Transformer
 from herd.parallel import (all_reduce_mean, build_mesh, build_model, clip_grad_norm_, destroy, full_state_dict,
-                           init_distributed, is_main)
+                           init_distributed, is_main, load_full_state_dict)
 
 STEPS, BATCH, SEQ, SEED = 5, 4, 32, 1234
 
@@ -87,11 +87,16 @@ def run_scenario(name: str, out_dir: Path) -> None:
     mesh = build_mesh(info, dp=dp, tp=tp)
     model = build_model(model_args(tied), mesh, info.device, seed=SEED, tp=tp, **opts)
     init = full_state_dict(model)
+    # load_full_state_dict: full tensors into another sharded model (other seed) and back out.
+    other = build_model(model_args(tied), mesh, info.device, seed=SEED + 1, tp=tp, **opts)
+    load_full_state_dict(other, init)
+    roundtrip = all(torch.equal(v, init[k]) for k, v in full_state_dict(other).items())
+    del other
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     losses, norms = train(model, local_batches(dp_rank, dp))
     final = full_state_dict(model)
     if is_main():
-        torch.save({"losses": losses, "grad_norms": norms, "init": init, "final": final,
+        torch.save({"losses": losses, "grad_norms": norms, "init": init, "final": final, "roundtrip": roundtrip,
                     "world_size": info.world_size}, out_dir / f"{name}.pt")
 
 

@@ -75,6 +75,7 @@ def check_same_training(got: dict, name: str) -> None:
     assert got["init"].keys() == ref["init"].keys()
     for k in ref["init"]:  # every layout starts from the very same weights, bit for bit
         assert torch.equal(got["init"][k], ref["init"][k]), f"{name}: initial {k} differs"
+    assert got["roundtrip"], f"{name}: load_full_state_dict did not put back the full weights"
     assert len(set(round(x, 3) for x in ref["losses"])) > 1, "the reference loss must move for this test to mean anything"
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=2e-5)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-5, atol=0)

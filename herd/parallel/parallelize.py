@@ -8,6 +8,9 @@ The model file knows nothing of this: each step rewrites the built modules in pl
   row-parallel (partial sums are all-reduced), the embedding is sharded over the vocabulary and
   the output matrix over its rows, so each rank computes a slice of the logits which are then
   gathered. Attention reads its head counts from the weight shapes, so a shard runs the same code.
+  Norm weights become replicated DTensors, so every parameter is a DTensor. Tied embeddings work:
+  the shared matrix is vocabulary-sharded for both uses. (No sequence or loss parallelism yet:
+  each TP rank holds the full activations and the full logits.)
 - Activation checkpointing wraps each block's forward in torch.utils.checkpoint (non-reentrant):
   the block's activations are recomputed in backward. Parameter names do not change.
 - torch.compile compiles each block in place (names unchanged, so checkpoints stay portable).
