@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -58,6 +59,9 @@ def init_model(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float3
 
 def run_init(ns: argparse.Namespace) -> int:
     args = dataclass_from_args(ModelArgs, ns, base=get_preset(ns.preset))
+    n = meta_model(args).num_params()
+    if n > 200e6:  # random init of ~1B parameters takes minutes on a small CPU
+        print(f"initializing {_human(n, 'n')} parameters ({ns.dtype}) ...", file=sys.stderr, flush=True)
     model = init_model(args, ns.seed, parse_dtype(ns.dtype))
     save_checkpoint(model, ns.dst, format=ns.format, shards=ns.shards, tokenizer_path=ns.tokenizer,
                     overwrite=ns.overwrite)

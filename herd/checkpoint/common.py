@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -69,7 +70,7 @@ def read_json(path: Path) -> dict:
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """All tensors of a .safetensors file as zero-copy views of one private memory map."""
+    """All tensors of a .safetensors file, each a zero-copy private memory map of its bytes."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -90,24 +91,38 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
     if start + end > size:
         raise HerdError(f"{path} is truncated ({size} bytes, its header needs {start + end}); "
                         "re-download or re-save the checkpoint.")
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
     out = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise HerdError(f"tensor '{name}' in {path} has unsupported dtype {info.get('dtype')}; "
-                            "save it as float32, bfloat16 or float16.")
-        begin, stop = info["data_offsets"]
-        shape = tuple(info["shape"])
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if stop - begin != math.prod(shape) * itemsize:
-            raise HerdError(f"tensor '{name}' in {path} has {stop - begin} bytes for shape {list(shape)}; "
-                            "the file is corrupt, re-download or re-save it.")
-        if (start + begin) % itemsize:  # unaligned: cannot view the map, so copy these bytes
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage, start + begin, (stop - begin,))
-            out[name] = raw.clone().view(dtype).reshape(shape)
-        else:
-            out[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // itemsize, shape)
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise HerdError(f"tensor '{name}' in {path} has unsupported dtype {info.get('dtype')}; "
+                                "save it as float32, bfloat16 or float16.")
+            begin, stop = (start + int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info.get("shape", ()))
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            if stop - begin != math.prod(shape) * itemsize or begin < start:
+                raise HerdError(f"tensor '{name}' in {path} has {stop - begin} bytes for shape {list(shape)}; "
+                                "the file is corrupt, re-download or re-save it.")
+            out[name] = _map_tensor(f, begin, stop, dtype, shape)
+    return out
+
+
+def _map_tensor(f, begin: int, stop: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """Bytes [begin, stop) of an open file as a tensor backed by its own private (copy-on-write) map.
+
+    One map per tensor, so each tensor has a storage of exactly its own size: torch.save and
+    friends then write just that tensor, and tensors of different dtypes never share a storage.
+    """
+    if stop == begin:
+        return torch.empty(shape, dtype=dtype)
+    base = begin - begin % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(f.fileno(), stop - base, access=mmap.ACCESS_COPY, offset=base)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    t = torch.frombuffer(mm, dtype=dtype, count=(stop - begin) // itemsize, offset=begin - base)
+    if t.data_ptr() % itemsize:  # unaligned data: copy rather than hand kernels a misaligned pointer
+        t = t.clone()
+    return t.view(shape)
     return out
 
 
@@ -200,6 +215,8 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict[str, Tensor], device
                           dtype: torch.dtype | None = None, source: str = "the checkpoint") -> Transformer:
     """A model in eval mode whose parameters are `state_dict`'s tensors (moved/converted one by one).
 
+    Consumes `state_dict` (its entries are removed as they are loaded).
+
     Raises HerdError for missing or unexpected names and for shape mismatches, naming the tensor.
     """
     model = meta_model(args)
@@ -220,8 +237,8 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict[str, Tensor], device
             raise HerdError(f"tensor '{k}' in {source} has shape {list(state_dict[k].shape)} but the config "
                             f"expects {list(ref.shape)}; fix the config or use the checkpoint that belongs to it.")
     loaded = {}
-    for k in expected:
-        t = state_dict[k]
+    for k in expected:  # pop as we go so a converted tensor never coexists with its source for long
+        t = state_dict.pop(k)
         if not t.is_floating_point():
             raise HerdError(f"tensor '{k}' in {source} has dtype {t.dtype}, not a float; "
                             "the file is not a model checkpoint.")

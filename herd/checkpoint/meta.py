@@ -121,14 +121,20 @@ def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | 
     shards = [_load_shard(f) for f in files]
     state = _merge(shards, dtype, device, folder)
     del shards
-    # The tie is decided by the weights unless herd recorded it.
-    tied = "output.weight" not in state or tied_output_check(state, "output.weight", "tok_embeddings.weight", str(folder))
+    extra = read_json(folder / "params.json").get("herd")
+    recorded = extra.get("tie_embeddings") if isinstance(extra, dict) else None
+    out, emb = state.get("output.weight"), state.get("tok_embeddings.weight")
+    if recorded is None:  # Meta's own params.json: the weights decide (a full compare)
+        tied = out is None or tied_output_check(state, "output.weight", "tok_embeddings.weight", str(folder))
+    else:  # herd wrote it: spot-check two rows instead of reading the whole matrix twice
+        tied = bool(recorded)
+        if tied and out is not None and not (out.shape == emb.shape and torch.equal(out[0], emb[0])
+                                             and torch.equal(out[-1], emb[-1])):
+            raise HerdError(f"{folder} says the embeddings are tied but output.weight differs from "
+                            "tok_embeddings; set herd.tie_embeddings to false in params.json.")
     args = load_args(folder, tied)
-    if args.tie_embeddings and "output.weight" in state:
-        if not tied:
-            raise HerdError(f"{folder} says the embeddings are tied but output.weight differs from tok_embeddings; "
-                            "set herd.tie_embeddings to false in params.json.")
-        del state["output.weight"]
+    if args.tie_embeddings:
+        state.pop("output.weight", None)
     return model_from_state_dict(args, state, device, dtype, source=str(folder))
 
 
