@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(BPETrainConfig, args)
     # Path objects, so a mistyped name is reported as missing rather than trained on as text
     tok, st = train_bpe([Path(p) for p in args.input], cfg.vocab_size, args.output, min_frequency=cfg.min_frequency,
-                        glob=cfg.glob, max_token_chars=cfg.max_token_chars, show_progress=sys.stderr.isatty())
+                        glob=cfg.glob, max_token_chars=cfg.max_token_chars)
     mb = st.bytes / 1e6
     print(f"wrote {args.output}: n_words {tok.n_words} ({tok.n_bpe} BPE + 256 special), sha256 {tok.sha256}")
     print(f"trained on {st.documents} documents, {mb:.1f} MB in {st.seconds:.1f} s "
@@ -153,13 +153,22 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def corpus_stats(tok: Tokenizer, documents: list[str]) -> dict[str, float]:
+def corpus_stats(tok: Tokenizer, documents: list[str], progress: bool = False) -> dict[str, float]:
     """Characters/bytes per token and the share of exact round trips over `documents`."""
-    ids = tok.encode_batch(documents, num_threads=2)
-    n_tok = sum(map(len, ids))
+    from tqdm import tqdm
+
+    n_tok = exact = 0
+    batch = 256
+    with tqdm(total=len(documents), desc=f"encoding ({tok.n_words} words)", unit="doc",
+              disable=not progress) as bar:
+        for start in range(0, len(documents), batch):
+            docs = documents[start:start + batch]
+            for ids, doc in zip(tok.encode_batch(docs, num_threads=2), docs):
+                n_tok += len(ids)
+                exact += tok.decode(ids) == doc
+            bar.update(len(docs))
     chars = sum(map(len, documents))
     nbytes = sum(len(d.encode("utf-8")) for d in documents)
-    exact = sum(tok.decode(i) == d for i, d in zip(ids, documents))
     return {"tokenizer": tok.path, "n_words": tok.n_words, "documents": len(documents), "characters": chars,
             "bytes": nbytes, "tokens": n_tok, "chars_per_token": chars / max(n_tok, 1),
             "bytes_per_token": nbytes / max(n_tok, 1), "roundtrip_share": exact / max(len(documents), 1)}
@@ -174,7 +183,8 @@ def _stats(args: argparse.Namespace) -> int:
             for d in read_documents(f, strict=f in explicit)]
     if not docs:
         raise HerdError("no documents found in --input; pass UTF-8 text, .jsonl files or folders (check --glob).")
-    rows = [corpus_stats(Tokenizer.from_file(p), docs) for p in args.tokenizer]
+    big = sum(map(len, docs)) > 20_000_000
+    rows = [corpus_stats(Tokenizer.from_file(p), docs, progress=big) for p in args.tokenizer]
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -182,6 +192,8 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"{len(docs)} documents, {rows[0]['characters']:,} characters, {rows[0]['bytes']:,} bytes")
     print(f"{'tokenizer':<48} {'n_words':>8} {'tokens':>11} {'chars/tok':>9} {'bytes/tok':>9} {'roundtrip':>9}")
     for r in rows:
-        print(f"{str(r['tokenizer'])[-48:]:<48} {r['n_words']:>8} {r['tokens']:>11,} {r['chars_per_token']:>9.3f} "
+        name = str(r["tokenizer"])
+        name = name if len(name) <= 48 else "..." + name[-45:]
+        print(f"{name:<48} {r['n_words']:>8} {r['tokens']:>11,} {r['chars_per_token']:>9.3f} "
               f"{r['bytes_per_token']:>9.3f} {r['roundtrip_share']:>9.1%}")
     return 0

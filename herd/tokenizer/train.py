@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -99,7 +100,7 @@ def read_documents(path: Path, strict: bool = True) -> Iterator[str]:
 
 def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: str | os.PathLike,
               *, min_frequency: int = 2, glob: str = "*", max_token_chars: int | None = None,
-              show_progress: bool = True) -> tuple[Tokenizer, TrainStats]:
+              show_progress: bool | None = None) -> tuple[Tokenizer, TrainStats]:
     """Learn a byte-level BPE with Llama 3's pattern and write it in tiktoken format.
 
     inputs: files/folders (.jsonl: the "text" field of each line; other files: the whole file) given
@@ -107,6 +108,7 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
     string is taken as in-memory training text.
     vocab_size: total n_words including the 256 special tokens (> 512).
     max_token_chars: longest token in characters (None for no limit); caps tokens made of long runs.
+    show_progress: the trainer's progress bars (default: when stderr is a terminal).
     Returns the loaded Tokenizer and TrainStats.
     """
     from tokenizers import Regex, pre_tokenizers, trainers
@@ -168,6 +170,8 @@ def train_bpe(inputs: Iterable[str | os.PathLike], vocab_size: int, out_path: st
         pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
     trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=min_frequency, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
                                   max_token_length=max_token_chars)
