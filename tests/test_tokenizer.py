@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -266,8 +265,13 @@ def test_bad_files_give_one_line_errors(tmp_path):
 
 
 def test_decode_rejects_unknown_ids_and_encode_rejects_bytes(tok):
+    for bad in ([128256], [-1], [2 ** 40]):
+        with pytest.raises(HerdError, match="outside"):
+            tok.decode(bad)
+    with pytest.raises(HerdError, match="integers"):
+        tok.decode([1.5])
     with pytest.raises(HerdError, match="outside"):
-        tok.decode([128256])
+        tok.stream_decoder().push(-3)
     with pytest.raises(HerdError, match="str"):
         tok.encode(b"bytes")  # type: ignore[arg-type]
 

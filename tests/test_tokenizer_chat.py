@@ -192,6 +192,23 @@ def test_dialog_ids_equal_llama31_hf_template(tok, hf, case):
     assert fmt.render(messages, add_generation_prompt=agp, **kwargs) == text
 
 
+@pytest.mark.parametrize("style", ["hf", "meta"])
+def test_loss_mask_marks_assistant_replies(tok, style):
+    fmt = ChatFormat(tok, style=style)
+    for case in CASES.values():
+        kwargs = {k: v for k, v in case.items() if k != "messages"}
+        kwargs.setdefault("add_generation_prompt", False)
+        ids, mask = fmt.encode_dialog_with_mask(case["messages"], **kwargs)
+        assert ids == fmt.encode_dialog_prompt(case["messages"], **kwargs)  # per-segment encoding is exact
+        assert len(mask) == len(ids)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "Answer one."}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "Two."}]
+    ids, mask = fmt.encode_dialog_with_mask(msgs)
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned == tok.encode("Answer one.") + [tok.eot_id] + tok.encode("Two.") + [tok.eot_id]
+
+
 def test_hand_checked_single_message(tok):
     ids = ChatFormat(tok, style="meta").encode_dialog_prompt([{"role": "user", "content": " Hello "}])
     # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|> + assistant header

@@ -155,21 +155,49 @@ class ChatFormat:
         parts = self.dialog_parts(messages, **kwargs)
         return "".join(p if isinstance(p, str) else self.tokenizer.decode([p]) for p in parts)
 
-    def dialog_parts(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                     tools: Sequence[Mapping[str, Any]] | None = None,
-                     builtin_tools: Sequence[str] | None = None, date_string: str | None = None,
-                     tools_in_user_message: bool = True, bos: bool = True) -> list[int | str]:
+    def dialog_parts(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[int | str]:
         """The dialog as special-token ids and text pieces, before encoding."""
+        return [p for _, seg in self.dialog_segments(messages, **kwargs) for p in seg]
+
+    def encode_dialog_with_mask(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
+                                **kwargs: Any) -> tuple[list[int], list[bool]]:
+        """ids of a dialog (as encode_dialog_prompt) and a mask that is True on what the assistant wrote.
+
+        The mask covers each assistant message's content and its closing `<|eot_id|>`/`<|eom_id|>`
+        (so a fine-tuned model learns to stop), never headers, system, user or tool text: the SFT loss
+        mask. Each segment starts at a special token, so encoding per segment gives the same ids.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        for trainable, seg in self.dialog_segments(messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            enc = self._encode_parts(seg)
+            ids += enc
+            mask += [trainable] * len(enc)
+        return ids, mask
+
+    def dialog_segments(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                        tools: Sequence[Mapping[str, Any]] | None = None,
+                        builtin_tools: Sequence[str] | None = None, date_string: str | None = None,
+                        tools_in_user_message: bool = True, bos: bool = True) -> list[tuple[bool, list[int | str]]]:
+        """The dialog as (assistant-written?, parts) segments; parts are special ids and text pieces."""
         tok = self.tokenizer
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             raise HerdError("a dialog must be a list of {'role': ..., 'content': ...} messages.")
         for i, m in enumerate(messages):
             _role(m, i)
         msgs = list(messages)
-        parts: list[int | str] = [tok.bos_id] if bos else []
+        segments: list[tuple[bool, list[int | str]]] = [(False, [tok.bos_id])] if bos else []
+
+        def add_message(m: Mapping[str, Any], index: int) -> None:
+            parts = self._message_parts(m, builtin_tools, index)
+            if m["role"] == "assistant":  # header (4 parts) is prompt; the rest is the reply
+                segments.extend([(False, parts[:4]), (True, parts[4:])])
+            else:
+                segments.append((False, parts))
+
         if self.style == "meta":
             for i, m in enumerate(msgs):
-                parts += self._message_parts(m, builtin_tools, i)
+                add_message(m, i)
         else:
             system = ""
             if msgs and msgs[0]["role"] == "system":
@@ -186,7 +214,7 @@ class ChatFormat:
                 text += ("You have access to the following functions. To call a function, please respond "
                          "with JSON for a function call." + _CUSTOM_TOOLS_PROMPT)
                 text += "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
-            parts += [*self._header_parts("system"), text + system, tok.eot_id]
+            segments.append((False, [*self._header_parts("system"), text + system, tok.eot_id]))
             offset = len(messages) - len(msgs)
             if tools is not None and tools_in_user_message:
                 if not msgs:
@@ -195,16 +223,17 @@ class ChatFormat:
                 first = _text(msgs[0].get("content"), offset).strip()
                 msgs = msgs[1:]
                 offset += 1
-                parts += [*self._header_parts("user"),
-                          "Given the following functions, please respond with a JSON for a function call "
-                          "with its proper arguments that best answers the given prompt.\n\n"
-                          + _CUSTOM_TOOLS_PROMPT + "".join(_tojson(t, indent=4) + "\n\n" for t in tools) + first,
-                          tok.eot_id]
+                segments.append((False, [
+                    *self._header_parts("user"),
+                    "Given the following functions, please respond with a JSON for a function call "
+                    "with its proper arguments that best answers the given prompt.\n\n"
+                    + _CUSTOM_TOOLS_PROMPT + "".join(_tojson(t, indent=4) + "\n\n" for t in tools) + first,
+                    tok.eot_id]))
             for i, m in enumerate(msgs):
-                parts += self._message_parts(m, builtin_tools, offset + i)
+                add_message(m, offset + i)
         if add_generation_prompt:
-            parts += self._header_parts("assistant")
-        return parts
+            segments.append((False, self._header_parts("assistant")))
+        return segments
 
     # -- parsing replies -----------------------------------------------------------------------
 

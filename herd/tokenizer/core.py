@@ -263,14 +263,25 @@ class Tokenizer:
         ids = list(ids)
         try:
             return self.model.decode(ids)
-        except KeyError:
-            bad = next(i for i in ids if not 0 <= int(i) < self.n_words)
-            raise HerdError(f"token id {bad} is outside this tokenizer's vocabulary (0..{self.n_words - 1}); "
-                            "decode with the tokenizer the ids came from.") from None
+        except (KeyError, OverflowError, TypeError):
+            raise self._bad_ids(ids) from None
+
+    def _bad_ids(self, ids: list) -> HerdError:
+        for i in ids:
+            if not isinstance(i, int) and not hasattr(i, "__index__"):
+                return HerdError(f"token ids must be integers, got {type(i).__name__} {i!r}.")
+            if not 0 <= int(i) < self.n_words:
+                return HerdError(f"token id {int(i)} is outside this tokenizer's vocabulary (0..{self.n_words - 1}); "
+                                 "decode with the tokenizer the ids came from.")
+        return HerdError("token ids could not be decoded; pass a list of integer ids.")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Raw bytes of token ids (special tokens as their strings)."""
-        return self.model.decode_bytes(list(ids))
+        ids = list(ids)
+        try:
+            return self.model.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError):
+            raise self._bad_ids(ids) from None
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for."""
