@@ -263,7 +263,7 @@ def _fit_time_budget(cfg: TrainConfig, total: int, step: int, start_step: int, s
         return total
     per_step = float(all_reduce_mean(torch.tensor(sum(step_times[1:]) / len(step_times[1:]))))
     evals = cfg.eval_batches / (3 * cfg.eval_every) if cfg.eval_every else 0.0  # eval forward ~ 1/3 of a step
-    left = cfg.max_minutes * 60 - (time.perf_counter() - t_start)
+    left = float(all_reduce_mean(torch.tensor(cfg.max_minutes * 60 - (time.perf_counter() - t_start))))  # same on all ranks, else they stop at different steps and hang
     new_total = max(step + 1, min(total, step + int(left / (per_step * (1 + evals)))))
     if new_total != total:
         log.print(f"--max-minutes {cfg.max_minutes:g}: {per_step:.2f} s/step, so {new_total} steps instead of {total}")
@@ -273,16 +273,32 @@ def _fit_time_budget(cfg: TrainConfig, total: int, step: int, start_step: int, s
 @torch.no_grad()
 def _sample(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, args: ModelArgs, device: torch.device,
             log: MetricsLogger, step: int) -> str:
-    """Greedy continuation of cfg.sample_prompt (every rank runs it: sharded models need all of them)."""
-    ids = tokenizer.encode(cfg.sample_prompt, bos=True)
-    prompt_len = len(ids)
-    for _ in range(cfg.sample_tokens):
-        window = torch.tensor([ids[-args.max_seq_len:]], device=device)  # [1, S]
-        next_id = int(model(window, last_only=True)[0, -1].argmax())
-        ids.append(next_id)
-        if next_id == getattr(tokenizer, "eos_id", None):
-            break
-    text = tokenizer.decode(ids[prompt_len:])
+    """Greedy continuation of cfg.sample_prompt.
+
+    One process: herd's inference Engine (KV cache). Sharded models: a plain full-forward loop
+    that every rank runs in lock step (each forward needs all of them).
+    """
+    prompt = tokenizer.encode(cfg.sample_prompt, bos=True)[-(args.max_seq_len - cfg.sample_tokens):]
+    stop = [t for t in (getattr(tokenizer, "eos_id", None),) if t is not None]
+    if not torch.distributed.is_initialized():
+        from herd.inference.engine import Engine
+        from herd.inference.sampling import SamplingParams
+
+        engine = Engine(ckpt.unwrap(model), max_batch_size=1, max_seq_len=len(prompt) + cfg.sample_tokens)
+        result = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens,
+                                                          stop_tokens=stop))[0]
+        new = list(result.tokens)
+        del engine
+        model.train()  # the engine put the model in eval mode
+    else:
+        ids = list(prompt)
+        for _ in range(cfg.sample_tokens):
+            next_id = int(model(torch.tensor([ids], device=device), last_only=True)[0, -1].argmax())
+            if next_id in stop:
+                break
+            ids.append(next_id)
+        new = ids[len(prompt):]
+    text = tokenizer.decode(new)
     log.log("sample", step, prompt=cfg.sample_prompt, text=text)
     log.text("sample", step, cfg.sample_prompt + text)
     log.print(f"step {step:>6} | sample: {cfg.sample_prompt + text!r}")

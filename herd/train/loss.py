@@ -29,17 +29,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]  # [n, D], [n]
             logits = F.linear(hc, weight).float()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            total += (lse - logits.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
+            target_logit = logits.gather(1, tc.unsqueeze(1)).squeeze(1)  # [n]
+            peak = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+            # One exp pass serves both the loss and the gradient: exp(logits - max) in place.
+            probs = logits.sub_(peak).exp_()  # [n, V]
+            denom = probs.sum(dim=-1, keepdim=True)  # [n, 1]
+            lse = peak.squeeze(1) + denom.squeeze(1).log()  # [n]
+            total += (lse - target_logit).sum()
             if want_h or want_w:
-                # d(sum of losses)/d(logits) = softmax - onehot(target), computed in place.
-                dlogits = logits.sub_(lse.unsqueeze(1)).exp_()  # [n, V]
+                # d(sum of losses)/d(logits) = softmax - onehot(target)
+                dlogits = probs.div_(denom)
                 dlogits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
                 dlogits = dlogits.to(h.dtype)
                 if want_h:
                     grad_h[start:start + chunk] = dlogits @ weight  # [n, D]
                 if want_w:
-                    grad_w.addmm_(dlogits.t().float(), hc.float())  # [V, D]
+                    if grad_w.dtype == hc.dtype:
+                        grad_w.addmm_(dlogits.t(), hc)  # [V, D]
+                    else:
+                        grad_w.addmm_(dlogits.t().float(), hc.float())
         ctx.save_for_backward(grad_h, grad_w)
         return total
 

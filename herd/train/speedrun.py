@@ -1,0 +1,179 @@
+"""`herd speedrun`: the whole chain on this machine, no download: corpus -> data pipeline ->
+tokenizer -> pre-training -> validation loss vs the unigram entropy -> a sample -> OUT/final.
+
+Stages (each reuses its finished output on a re-run, so an interrupted speedrun continues):
+    1 corpus     text already on the machine (stdlib source and docstrings, package docs, ...)
+                 via herd.data.corpus.build_local_corpus -> OUT/corpus
+    2 clean      the data pipeline's filter and dedup stages -> clean text (OUT/data/work)
+    3 tokenizer  a byte-level BPE with the preset's vocabulary size, trained on the clean text
+                 -> OUT/tokenizer.model
+    4 shards     the pipeline's tokenize and pack stages -> OUT/data (train / val shards)
+    5 pretrain   herd pretrain on the shards (resumes after a crash) -> OUT/checkpoints, OUT/final,
+                 OUT/log.jsonl, OUT/loss.png, OUT/speedrun.json
+
+The unigram entropy H = -sum_t p(t) ln p(t) of the training tokens is the loss of the best
+model that ignores context; a validation loss well below it means the model learned context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.errors import HerdError
+
+
+@dataclass
+class SpeedrunConfig:
+    """Options of `herd speedrun`."""
+
+    out: str = "runs/speedrun"
+    """Folder for every stage's output; re-running reuses finished stages."""
+    preset: str = ""
+    """Model preset; empty picks herd-1m on CPU, herd-15m on a GPU."""
+    minutes: float = 0.0
+    """Training time budget in minutes; 0 = 3 on CPU, 5 on a GPU (ignored when --steps is set)."""
+    steps: int = 0
+    """Train exactly this many steps instead of a time budget."""
+    corpus_mb: float = 0.0
+    """Megabytes of local text to gather; 0 = 4 on CPU, 20 on a GPU."""
+    seed: int = 0
+    """Seed of the data order and the weight init."""
+
+
+def add_speedrun_args(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_args(parser, SpeedrunConfig)
+
+
+def run_speedrun(args: argparse.Namespace) -> int:
+    summary = speedrun(dataclass_from_args(SpeedrunConfig, args))
+    print(json.dumps({k: summary[k] for k in ("val_loss", "unigram_entropy", "tokens_per_s", "wall_s", "final")
+                      if k in summary}))
+    return 0
+
+
+def _say(stage: str, text: str) -> None:
+    print(f"[speedrun] {stage}: {text}", file=sys.stderr, flush=True)
+
+
+def unigram_entropy(data_dir: str | os.PathLike, split: str = "train") -> float:
+    """Entropy in nats per token of the token frequencies of a shard split."""
+    from herd.data.shards import ShardDataset
+
+    ds = ShardDataset(data_dir, split)
+    counts = np.zeros(int(ds.manifest["tokenizer"]["n_words"]), dtype=np.int64)
+    for tokens in ds._tokens:  # memory-mapped shards, counted one at a time
+        counts += np.bincount(np.asarray(tokens), minlength=counts.size)[:counts.size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _quiet_datatrove() -> None:
+    """datatrove logs every task at INFO; the speedrun prints its own stage lines instead."""
+    try:
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+    except ImportError:  # pragma: no cover - datatrove always brings loguru
+        pass
+
+
+def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
+    """Run (or finish) every stage; returns the summary also written to OUT/speedrun.json."""
+    try:
+        from herd.data.corpus import build_local_corpus
+        from herd.data.pipeline import DataConfig, run_pipeline
+        from herd.tokenizer import train_bpe
+    except ImportError as e:
+        raise HerdError(f"the speedrun needs herd's data pipeline and tokenizer trainer, which failed to import "
+                        f"({e}); reinstall herd with `pip install -e .`.") from None
+    from herd.configs import get_preset
+    from herd.train.config import TrainConfig
+    from herd.train.loop import pretrain
+
+    gpu = torch.cuda.is_available()
+    preset = cfg.preset or ("herd-15m" if gpu else "herd-1m")
+    args = get_preset(preset)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    _quiet_datatrove()
+
+    corpus = out / "corpus"
+    marker = corpus / "corpus.json"
+    if marker.is_file():
+        _say("1/5 corpus", f"reusing {corpus}")
+    else:
+        mb = cfg.corpus_mb or (20.0 if gpu else 4.0)
+        _say("1/5 corpus", f"gathering {mb:g} MB of text from this machine -> {corpus}")
+        files = build_local_corpus(corpus, max_mb=mb)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(json.dumps({"files": [str(f) for f in files], "max_mb": mb}))
+        os.replace(tmp, marker)
+    n_bytes = sum(f.stat().st_size for f in corpus.glob("*.jsonl"))
+    _say("1/5 corpus", f"{n_bytes / 1e6:.1f} MB of jsonl")
+
+    data = out / "data"
+    data_cfg = DataConfig(tasks=2, workers=min(2, os.cpu_count() or 1), val_fraction=0.05, seed=cfg.seed)
+    tokenizer_path = out / "tokenizer.model"
+    if tokenizer_path.is_file():
+        _say("2/5 clean", "reusing the clean text (tokenizer already trained)")
+        _say("3/5 tokenizer", f"reusing {tokenizer_path}")
+    else:
+        _say("2/5 clean", "filter + dedup (datatrove) ...")
+        result = run_pipeline([str(corpus)], data, None, data_cfg, log=lambda s: _say("2/5 clean", s))
+        docs = Path(result.clean_dir) / "docs"
+        _say("3/5 tokenizer", f"training a {args.vocab_size}-token BPE on {docs} ...")
+        _, stats = train_bpe([docs], args.vocab_size, tokenizer_path, show_progress=False)
+        _say("3/5 tokenizer", f"{stats.n_words} tokens from {stats.characters:,} characters in {stats.seconds:.1f} s")
+    if (data / "manifest.json").is_file() and json.loads((data / "manifest.json").read_text()).get("splits", {}).get("train"):
+        _say("4/5 shards", f"reusing {data}")
+    else:
+        _say("4/5 shards", "tokenize + pack ...")
+        run_pipeline([str(corpus)], data, tokenizer_path, data_cfg, log=lambda s: _say("4/5 shards", s))
+    entropy = unigram_entropy(data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    n_train = manifest["splits"]["train"]["tokens"]
+    _say("4/5 shards", f"{n_train:,} training tokens; unigram entropy {entropy:.3f} nats/token")
+
+    summary_path = out / "speedrun.json"
+    if summary_path.is_file() and (out / "final").is_dir():
+        summary = json.loads(summary_path.read_text())
+        _say("5/5 pretrain", f"reusing the finished run in {out} (delete {summary_path} to train again)")
+    else:
+        minutes = 0.0 if cfg.steps else (cfg.minutes or (5.0 if gpu else 3.0))
+        train_cfg = TrainConfig(
+            preset=preset, data=str(data), out=str(out), resume=True, seed=cfg.seed,
+            steps=cfg.steps or 100_000, max_minutes=minutes,
+            batch_size=32 if gpu else 16, seq_len=512 if gpu else 128,
+            lr=3e-3 if preset == "herd-1m" else 2e-3, warmup_steps=20, eval_every=50, eval_batches=4,
+            checkpoint_every=50, keep_checkpoints=2, log_every=10, sample_tokens=48, sample_prompt="def ")
+        what = f"{cfg.steps} steps" if cfg.steps else f"~{minutes:g} minutes"
+        _say("5/5 pretrain", f"{preset} for {what} (batch {train_cfg.batch_size} x {train_cfg.seq_len} tokens)")
+        result = pretrain(train_cfg)
+        summary = {k: v for k, v in result.items() if k in ("steps", "val_loss", "tokens_per_s", "tokens", "sample", "final")}
+        summary.update(preset=preset, unigram_entropy=entropy, train_tokens=n_train,
+                       train_wall_s=result.get("wall_s"), config=asdict(cfg))
+        tmp = summary_path.with_name(summary_path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, summary_path)
+    summary["wall_s"] = time.time() - t0
+    if "val_loss" in summary:
+        _say("result", f"validation loss {summary['val_loss']:.3f} nats/token vs unigram entropy {entropy:.3f} "
+                       f"({summary['val_loss'] - entropy:+.3f}) after {summary.get('steps')} steps, "
+                       f"{summary.get('tokens_per_s', 0):,.0f} tokens/s")
+    if "sample" in summary:
+        _say("result", f"sample: {summary['sample']!r}")
+    _say("result", f"try: herd generate --checkpoint {out / 'final'} --prompt 'def '")
+    return summary
