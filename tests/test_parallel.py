@@ -234,7 +234,8 @@ def test_herd_pretrain_fsdp_matches_single_process(tmp_path):
 
     data = write_counting_shards(tmp_path / "shards")
     assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "one"), *PRETRAIN_FLAGS]) == 0
-    proc = torchrun(2, ["--no-python", "herd", "pretrain", "--data", str(data), "--out", str(tmp_path / "two"),
+    herd = Path(sys.executable).with_name("herd")  # the console script of this interpreter's install
+    proc = torchrun(2, ["--no-python", str(herd if herd.exists() else "herd"), "pretrain", "--data", str(data), "--out", str(tmp_path / "two"),
                         "--dp", "2", *PRETRAIN_FLAGS])
     assert proc.returncode == 0, f"torchrun herd pretrain failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     (one, one_val), (two, two_val) = read_log(tmp_path / "one"), read_log(tmp_path / "two")
