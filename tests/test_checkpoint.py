@@ -333,3 +333,18 @@ def test_loading_does_not_copy_weights(tmp_path):
     anon = json.loads(result.stdout.strip().splitlines()[-1])
     assert anon["fp32"] < 0.35 * weights, anon["fp32"] / weights  # only HF's permuted wq/wk are copies
     assert anon["bf16"] < (0.5 + 0.35) * weights, anon["bf16"] / weights  # the bf16 result is 0.5x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,shards", [("herd", 1), ("hf", 2), ("meta", 2)])
+def test_load_to_gpu_in_bf16(tmp_path, fmt, shards):
+    model = _model(tie_embeddings=True, use_scaled_rope=True, rope_scale_factor=32.0)
+    save_checkpoint(model, tmp_path / fmt, format=fmt, shards=shards)
+    gpu = load_checkpoint(tmp_path / fmt, device="cuda", dtype="bf16")
+    assert gpu.rope_inv_freq.device.type == "cuda"
+    for k, v in model.state_dict().items():
+        got = gpu.state_dict()[k]
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), v.to(torch.bfloat16)), k
+    tokens = _tokens()
+    with torch.no_grad():  # bf16 vs fp32: ~0.04 max error on logits of size ~3 on CPU
+        torch.testing.assert_close(gpu(tokens.cuda()).cpu(), model(tokens), atol=0.15, rtol=0.05)
