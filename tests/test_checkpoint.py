@@ -6,7 +6,6 @@ from SPEC.md's split rules load; round trips are bit-exact; bad input gives one 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import struct
 import subprocess

@@ -58,7 +58,10 @@ def init_model(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float3
 
 
 def run_init(ns: argparse.Namespace) -> int:
-    args = dataclass_from_args(ModelArgs, ns, base=get_preset(ns.preset))
+    try:
+        args = dataclass_from_args(ModelArgs, ns, base=get_preset(ns.preset))
+    except ValueError as e:  # ModelArgs' own checks already say what to change
+        raise HerdError(str(e)) from None
     n = meta_model(args).num_params()
     if n > 200e6:  # random init of ~1B parameters takes minutes on a small CPU
         print(f"initializing {_human(n, 'n')} parameters ({ns.dtype}) ...", file=sys.stderr, flush=True)

@@ -248,7 +248,7 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict[str, Tensor], device
     return model.eval()
 
 
-def tied_output_check(state_dict: dict[str, Tensor], key: str, embed_key: str, source: str) -> bool:
+def tied_output_check(state_dict: dict[str, Tensor], key: str, embed_key: str) -> bool:
     """Whether an output matrix stored beside a tied embedding is exactly the embedding."""
     out, emb = state_dict.get(key), state_dict.get(embed_key)
     return out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)

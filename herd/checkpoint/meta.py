@@ -101,7 +101,7 @@ def load_args(folder: Path, tied: bool | None = None) -> ModelArgs:
     if tied is None and "tie_embeddings" not in extra and shard_files(folder):
         # Shard 0 holds matching row slices of both matrices; mmap makes this cheap.
         first = _load_shard(shard_files(folder)[0])
-        tied = "output.weight" not in first or tied_output_check(first, "output.weight", "tok_embeddings.weight", str(folder))
+        tied = "output.weight" not in first or tied_output_check(first, "output.weight", "tok_embeddings.weight")
     kw = {k: params[k] for k in _PARAMS if k in params}
     if kw.get("use_scaled_rope"):
         factor = params.get("rope_scaling_factor")
@@ -125,7 +125,7 @@ def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | 
     recorded = extra.get("tie_embeddings") if isinstance(extra, dict) else None
     out, emb = state.get("output.weight"), state.get("tok_embeddings.weight")
     if recorded is None:  # Meta's own params.json: the weights decide (a full compare)
-        tied = out is None or tied_output_check(state, "output.weight", "tok_embeddings.weight", str(folder))
+        tied = out is None or tied_output_check(state, "output.weight", "tok_embeddings.weight")
     else:  # herd wrote it: spot-check two rows instead of reading the whole matrix twice
         tied = bool(recorded)
         if tied and out is not None and not (out.shape == emb.shape and torch.equal(out[0], emb[0])
