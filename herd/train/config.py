@@ -82,6 +82,8 @@ class TrainConfig:
     """Tensor-parallel ranks (DTensor); must divide the head counts."""
     device: str = "auto"
     """cpu, cuda, or auto (the GPU when there is one)."""
+    threads: int = 0
+    """CPU threads for torch ops; 0 = torch's default (all cores)."""
     log_every: int = 10
     """Console progress line every N steps (log.jsonl and TensorBoard get every step)."""
     eval_every: int = 50

@@ -40,6 +40,8 @@ from herd.train.preflight import check_fits, open_data
 def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns a summary (final losses, throughput, paths). Rank 0 writes files."""
     cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     info = init_distributed()
     device = info.device if cfg.device == "auto" else torch.device(cfg.device)
     mesh = build_mesh(info, cfg.dp, cfg.tp)
@@ -258,15 +260,20 @@ class SpikeGuard:
 
 def _fit_time_budget(cfg: TrainConfig, total: int, step: int, start_step: int, step_times: list[float],
                      t_start: float, resumed: Any, log: MetricsLogger) -> int:
-    """With --max-minutes, fix the step count once, after 4 measured steps (the first is warm-up)."""
-    if cfg.max_minutes <= 0 or resumed is not None or step != start_step + 4:
+    """With --max-minutes, fix the step count from the measured step time: after 4 steps (the first
+    is warm-up) and again after 24 (a machine whose load changed gets a better estimate while the
+    learning rate is still near its peak, where moving the cosine horizon changes it least)."""
+    done = step - start_step
+    if cfg.max_minutes <= 0 or resumed is not None or done not in (4, 24):
         return total
-    per_step = float(all_reduce_mean(torch.tensor(sum(step_times[1:]) / len(step_times[1:]))))
+    recent = step_times[1:] if done == 4 else step_times[4:]
+    per_step = float(all_reduce_mean(torch.tensor(sum(recent) / len(recent))))
     evals = cfg.eval_batches / (3 * cfg.eval_every) if cfg.eval_every else 0.0  # eval forward ~ 1/3 of a step
-    left = float(all_reduce_mean(torch.tensor(cfg.max_minutes * 60 - (time.perf_counter() - t_start))))  # same on all ranks, else they stop at different steps and hang
-    new_total = max(step + 1, min(total, step + int(left / (per_step * (1 + evals)))))
+    left = cfg.max_minutes * 60 - (time.perf_counter() - t_start)
+    limit = cfg.steps if done == 24 else total
+    new_total = max(step + 1, min(limit, step + int(left / (per_step * (1 + evals)))))
     if new_total != total:
-        log.print(f"--max-minutes {cfg.max_minutes:g}: {per_step:.2f} s/step, so {new_total} steps instead of {total}")
+        log.print(f"--max-minutes {cfg.max_minutes:g}: {per_step:.2f} s/step, so {new_total} steps in all")
     return new_total
 
 

@@ -24,7 +24,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = None  # float32 [V, D], created by the first slice's matmul (no zero-fill pass)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]  # [n, D], [n]
@@ -44,10 +44,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_h:
                     grad_h[start:start + chunk] = dlogits @ weight  # [n, D]
                 if want_w:
-                    if grad_w.dtype == hc.dtype:
-                        grad_w.addmm_(dlogits.t(), hc)  # [V, D]
+                    part_d, part_h = (dlogits, hc) if hc.dtype == torch.float32 else (dlogits.float(), hc.float())
+                    if grad_w is None:
+                        grad_w = part_d.t() @ part_h  # [V, D]
                     else:
-                        grad_w.addmm_(dlogits.t().float(), hc.float())
+                        grad_w.addmm_(part_d.t(), part_h)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 

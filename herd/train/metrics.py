@@ -58,6 +58,32 @@ def measure_cpu_peak_flops(n: int = 1024, seconds: float = 0.5) -> float:
     return best
 
 
+def pick_cpu_threads(max_threads: int | None = None, dim: int = 128) -> int:
+    """The torch thread count (1..max) that runs a small training-like workload fastest right now.
+
+    On an idle machine that is every core; on one whose cores are shared with other busy
+    processes, OpenMP threads wait on each other at every op and one thread can be several
+    times faster. Costs about a second.
+    """
+    max_threads = max_threads or torch.get_num_threads()
+    x, w = torch.randn(2048, dim), torch.randn(dim, 4 * dim)
+    best, best_t = max_threads, float("inf")
+    before = torch.get_num_threads()
+    for t in sorted({max_threads, 1}, reverse=True):
+        torch.set_num_threads(t)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(10):
+                y = torch.nn.functional.silu(x @ w) * 1.5  # [2048, 4 * dim]
+                (y @ w.t()).add_(x).pow(2).mean()
+            times.append(time.perf_counter() - start)
+        if min(times) < best_t * 0.9:  # prefer more threads unless fewer is clearly faster
+            best, best_t = t, min(times)
+    torch.set_num_threads(before)
+    return best
+
+
 def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s, where it came from) for MFU."""
     if peak_tflops > 0:

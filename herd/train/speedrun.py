@@ -156,11 +156,16 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
         train_cfg = TrainConfig(
             preset=preset, data=str(data), out=str(out), resume=True, seed=cfg.seed,
             steps=cfg.steps or 100_000, max_minutes=minutes,
-            batch_size=32 if gpu else 16, seq_len=512 if gpu else 128,
-            lr=3e-3 if preset == "herd-1m" else 2e-3, warmup_steps=20, eval_every=50, eval_batches=4,
+            batch_size=32 if gpu else 8, seq_len=512 if gpu else 128,
+            lr=5e-3 if preset == "herd-1m" else 2e-3, warmup_steps=10, eval_every=50, eval_batches=4,
             checkpoint_every=50, keep_checkpoints=2, log_every=10, sample_tokens=48, sample_prompt="def ")
+        if not gpu:
+            from herd.train.metrics import pick_cpu_threads
+
+            train_cfg.threads = pick_cpu_threads()
         what = f"{cfg.steps} steps" if cfg.steps else f"~{minutes:g} minutes"
-        _say("5/5 pretrain", f"{preset} for {what} (batch {train_cfg.batch_size} x {train_cfg.seq_len} tokens)")
+        _say("5/5 pretrain", f"{preset} for {what} (batch {train_cfg.batch_size} x {train_cfg.seq_len} tokens"
+                             + (f", {train_cfg.threads} CPU thread(s))" if not gpu else ")"))
         result = pretrain(train_cfg)
         summary = {k: v for k, v in result.items() if k in ("steps", "val_loss", "tokens_per_s", "tokens", "sample", "final")}
         summary.update(preset=preset, unigram_entropy=entropy, train_tokens=n_train,
