@@ -107,7 +107,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     def loss_of(batch: Batch) -> torch.Tensor:
         """Sum of the token losses of one micro-batch (float32 scalar)."""
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        kwargs = attention_kwargs(batch.document_ids.to(device), enabled=cfg.document_mask)
+        # FlexAttention only pays off compiled (eager it materializes the scores); otherwise SDPA + bool mask
+        kwargs = attention_kwargs(batch.document_ids.to(device), enabled=cfg.document_mask,
+                                  use_flex=device.type == "cuda" and cfg.compile)
         with autocast:
             if use_plain:
                 return cross_entropy_sum(model(inputs, **kwargs), targets)

@@ -3,10 +3,11 @@
 Three cases, cheapest first:
 - every row holds one document (or masking is off): nothing; the model takes SDPA's is_causal
   fast path with positions 0..S-1 (a window that starts mid-document also restarts at 0 there);
-- CUDA: a FlexAttention BlockMask (document-causal, computed blockwise so fully masked 128x128
-  tiles are skipped) plus positions restarting per document;
-- CPU: the document ids themselves; the model builds a boolean [B, 1, S, S] same-document causal
-  mask for SDPA and restarts the positions.
+- CUDA with --compile: a FlexAttention BlockMask (document-causal, computed blockwise so fully
+  masked 128x128 tiles are skipped; the compiled blocks fuse it into one kernel) plus positions
+  restarting per document;
+- otherwise (CPU, or CUDA eager): the document ids themselves; the model builds a boolean
+  [B, 1, S, S] same-document causal mask for SDPA and restarts the positions.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     summary_path = out / "speedrun.json"
     if summary_path.is_file() and (out / "final").is_dir():
         summary = json.loads(summary_path.read_text())
-        _say("5/5 pretrain", f"reusing the finished run in {out} (delete {summary_path} to train again)")
+        _say("5/5 pretrain", f"reusing the finished run in {out} (use a new --out to train again)")
     else:
         minutes = 0.0 if cfg.steps else (cfg.minutes or (5.0 if gpu else 3.0))
         train_cfg = TrainConfig(
@@ -167,6 +167,9 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
         _say("5/5 pretrain", f"{preset} for {what} (batch {train_cfg.batch_size} x {train_cfg.seq_len} tokens"
                              + (f", {train_cfg.threads} CPU thread(s))" if not gpu else ")"))
         result = pretrain(train_cfg)
+        from herd.train.metrics import plot_loss
+
+        plot_loss(out / "log.jsonl", out / "loss.png", reference=entropy, reference_label="unigram entropy")
         summary = {k: v for k, v in result.items() if k in ("steps", "val_loss", "tokens_per_s", "tokens", "sample", "final")}
         summary.update(preset=preset, unigram_entropy=entropy, train_tokens=n_train,
                        train_wall_s=result.get("wall_s"), config=asdict(cfg))
