@@ -22,6 +22,8 @@ from herd.train.speedrun import unigram_entropy
 from test_train import make_shards
 from test_train_loop import config
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 STEPS = 60
 FLAGS = dict(preset="herd-1m", steps=STEPS, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=0,
              eval_batches=1, checkpoint_every=2, log_every=100, tensorboard=False, peak_tflops=1.0, seed=1,
