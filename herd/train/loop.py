@@ -86,8 +86,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         start_step, total = int(state["step"]), int(state["total_steps"])
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state.get("guard", {}))
-    log = MetricsLogger(out, enabled=is_main(), tensorboard=cfg.tensorboard,
-                        resume_step=start_step if resume_from is not None else None)
+    # Log lines past the step we start from belong to a crashed attempt (after its last
+    # checkpoint, or before any): drop them so log.jsonl is one consistent curve.
+    log = MetricsLogger(out, enabled=is_main(), tensorboard=cfg.tensorboard, resume_step=start_step)
     if resume_from is not None:
         log.print(f"resuming {resume_from} at step {start_step} of {total}")
     n_params = sum(p.numel() for p in model.parameters()) if mesh is None else args_params(args)
@@ -118,7 +119,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
 
     def evaluate() -> float:
         with torch.no_grad():
-            total_loss = sum(float(loss_of(b)) for b in val)
+            total_loss = sum(float(loss_of(mb)) for b in val for mb in b.micro_batches(micro or b.inputs.shape[0]))
             n = sum(b.targets.numel() for b in val)
         return float(all_reduce_mean(torch.tensor(total_loss / n)))
 
