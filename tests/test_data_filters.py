@@ -249,3 +249,14 @@ def test_filter_early_exits_match_full_statistics():
         assert (f.filter(doc(text)) is True) == expect
         n_dropped += not expect
     assert 0 < n_dropped < 300
+
+
+def test_kl_with_herd_tokenizer(official_tokenizer_model):
+    # token ids of herd's tokenizer (the official Llama 3 tokenizer.model) instead of words
+    from herd.tokenizer import Tokenizer
+
+    dist = fit_token_distribution(["the cat sat on the mat"] * 5 + ["a dog barked at night"],
+                                  tokenizer_path=str(official_tokenizer_model))
+    ids = Tokenizer.from_file(official_tokenizer_model).encode("the cat sat")
+    assert dist.tokenize("the cat sat") == [str(i) for i in ids]
+    assert dist.kl("the cat sat on the mat") < dist.kl("zebra quantum xylophone")
