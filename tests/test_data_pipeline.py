@@ -27,7 +27,7 @@ from conftest import official_tokenizer_dir
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKENIZER = str(official_tokenizer_dir() / "tokenizer.model")
-CONFIG = dict(tasks=4, val_fraction=0.05, shard_tokens=100_000)
+CONFIG = dict(tasks=4, val_fraction=0.05, shard_tokens=100_000, quality_threshold=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,37 @@ def inputs(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(inputs, tmp_path_factory):
+def quality_model(inputs, tmp_path_factory) -> str:
+    """A fastText quality classifier: corpus prose ("hq") against gibberish of random letters ("lq")."""
+    import random
+
+    from herd.data.filters.quality import ClassifierTrainConfig, train_classifier
+
+    rng = random.Random(0)
+    texts = []
+    for f in sorted(Path(inputs[0]).glob("general-*.jsonl")):
+        texts += [json.loads(line)["text"][:2000] for line in f.read_text(encoding="utf-8").splitlines()]
+    examples = []
+    for t in texts:
+        gibberish = " ".join("".join(rng.choice("etaoinshrdlu") for _ in range(rng.randint(2, 8)))
+                             for _ in range(len(t.split())))
+        examples += [(t, "hq"), (gibberish, "lq")]
+    path = tmp_path_factory.mktemp("quality") / "quality.bin"
+    metrics = train_classifier(examples, path, ClassifierTrainConfig(epoch=25))
+    assert metrics["accuracy"] > 0.9
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def config(quality_model) -> dict:
+    return dict(CONFIG, quality_model=quality_model)
+
+
+@pytest.fixture(scope="module")
+def clean_run(inputs, config, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "out"
     t0 = time.time()
-    result = run_pipeline(inputs, out, TOKENIZER, DataConfig(workers=2, **CONFIG), log=lambda s: None)
+    result = run_pipeline(inputs, out, TOKENIZER, DataConfig(workers=2, **config), log=lambda s: None)
     return result, time.time() - t0
 
 
@@ -75,6 +102,9 @@ def test_end_to_end_report_and_shards(clean_run):
     assert any("language" in n for n in filter_steps) and any("repetition" in n for n in filter_steps)
     dropped = sum(st["docs_dropped"] for st in stages["01-filter"]["steps"])
     assert dropped > 0 and report["examples"], "the local corpus has documents the filters drop, with examples"
+    assert any("quality" in n for n in filter_steps)
+    plots = [p for s in report["stages"] for p in s["plots"]]
+    assert plots and all((result.output_dir / "report" / p).is_file() for p in plots)  # quality-score histogram
     md = (result.output_dir / "report" / "report.md").read_text()
     assert "Dedup plan and domain mix" in md and "| domain |" in md
 
@@ -109,12 +139,12 @@ def _snapshot(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
-def test_kill_midway_then_resume_is_byte_identical(inputs, clean_run, tmp_path):
+def test_kill_midway_then_resume_is_byte_identical(inputs, config, clean_run, tmp_path):
     result, _ = clean_run
     out = tmp_path / "out"
     script = ("import sys, json\nfrom herd.data.pipeline import DataConfig, run_pipeline\n"
               "if __name__ == '__main__':\n"
-              f"    run_pipeline(json.loads(sys.argv[1]), sys.argv[2], {TOKENIZER!r}, DataConfig(workers=1, **{CONFIG!r}))\n")
+              f"    run_pipeline(json.loads(sys.argv[1]), sys.argv[2], {TOKENIZER!r}, DataConfig(workers=1, **{config!r}))\n")
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(inputs), str(out)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     completions = None
@@ -133,7 +163,7 @@ def test_kill_midway_then_resume_is_byte_identical(inputs, clean_run, tmp_path):
     done_before = {p.name: p.stat().st_mtime_ns for p in completions.iterdir()}
     assert len(done_before) < 4 and not (out / "manifest.json").exists()
 
-    resumed = run_pipeline(inputs, out, TOKENIZER, DataConfig(workers=2, **CONFIG), log=lambda s: None)
+    resumed = run_pipeline(inputs, out, TOKENIZER, DataConfig(workers=2, **config), log=lambda s: None)
     # finished tasks were not redone, the rest were
     assert {p.name: p.stat().st_mtime_ns for p in completions.iterdir() if p.name in done_before} == done_before
     assert len(list(completions.iterdir())) == 4

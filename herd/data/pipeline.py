@@ -70,7 +70,7 @@ class DataConfig:
     domain_rules: str = ""
     """Comma-separated source-substring=domain rules, e.g. github=code,arxiv=math."""
     filter_skip_domains: str = "code"
-    """Domains that skip the prose filters (language id, repetition, dirty words) and line dedup."""
+    """Domains that skip the prose filters (language id, repetition, dirty words, KL, quality) and line dedup."""
     url_dedup: bool = True
     """Drop all but the most recent document per normalized URL."""
     url_field: str = "url"
@@ -183,7 +183,8 @@ def filter_steps(inputs: Sequence[str], cfg: DataConfig, folder: Path) -> list[A
     if cfg.quality_model:
         from herd.data.filters.quality import QualityFilter
 
-        steps.append(QualityFilter(cfg.quality_model, threshold=cfg.quality_threshold, exclusion_writer=excluded("quality")))
+        steps.append(Bypass(QualityFilter(cfg.quality_model, threshold=cfg.quality_threshold,
+                                          exclusion_writer=excluded("quality")), skip))
     steps.append(StageWriter(str(folder), cfg.minhash_ngrams, cfg.minhash_bands, cfg.minhash_rows,
                              url_field=cfg.url_field, date_field=cfg.date_field, skip_line_domains=skip))
     return steps
