@@ -10,8 +10,10 @@ Domain of a document, first rule that applies:
 5. general.
 
 Sampling (`plan_mix`) is by tokens and deterministic given the seed: each domain's documents are
-shuffled, repeated whole (upsampling) or cut (downsampling) to reach its target, and the chosen
-documents are shuffled together. The total is the largest one no domain needs more than
+shuffled and repeated whole (upsampling); the last partial pass (or the only one, downsampling)
+fills the remaining target greedily, skipping documents that would overshoot it, so a few big
+documents (whole source files) do not blow a small domain's share. The chosen documents are
+shuffled together. The total is the largest one no domain needs more than
 `max_repeat` passes for, so achieved shares match the targets up to document granularity.
 """
 
@@ -157,13 +159,24 @@ def plan_mix(lengths: np.ndarray, domains: list[str] | np.ndarray, weights: dict
         target = w * total
         rng = np.random.default_rng([seed, zlib.crc32(d.encode())])
         picks, got = [], 0
-        while got < target:  # whole passes over the shuffled domain, the last one cut short
+        total_d = int(lengths[idx].sum())
+        while target - got >= total_d:  # whole passes over the shuffled domain
+            picks.append(idx[rng.permutation(idx.size)])
+            got += total_d
+        if target - got > 0:  # the last, partial pass: fill greedily, skipping documents that overshoot
             perm = idx[rng.permutation(idx.size)]
-            cum = got + np.cumsum(lengths[perm])
-            take = int(np.searchsorted(cum, target, side="left")) + 1  # first prefix reaching the target
-            take = min(take, perm.size)
-            picks.append(perm[:take])
-            got = int(cum[take - 1])
+            taken = np.zeros(perm.size, dtype=bool)
+            for j, k in enumerate(perm):
+                if got + lengths[k] <= target:
+                    taken[j] = True
+                    got += int(lengths[k])
+            rest = np.flatnonzero(~taken)
+            if rest.size:  # one more document if it lands closer to the target than stopping short
+                j = rest[np.argmin(lengths[perm[rest]])]
+                if got + lengths[perm[j]] - target < target - got:
+                    taken[j] = True
+                    got += int(lengths[perm[j]])
+            picks.append(perm[taken])
         chosen.extend(picks)
         report["domains"][d] = {"available_tokens": available[d], "target_share": round(w, 4),
                                 "target_tokens": int(target), "tokens": got, "repeat": round(got / available[d], 3)}
