@@ -1,7 +1,7 @@
 """Decode and prefill throughput: herd's Engine vs Hugging Face transformers `generate`, same weights.
 
     python bench/decode.py                       # herd-100m, fp32, prompt 128, 32 new tokens, batch 1 and 8
-    python bench/decode.py --compile             # also torch.compile herd's decode step
+    python bench/decode.py --compile             # torch.compile herd's decode step (CPU: max-autotune + freezing)
 
 Both sides get the same random weights (herd -> Hugging Face through herd.checkpoint's converter),
 fp32, greedy, the same prompts (equal lengths, so neither side pads), and exactly the same number
@@ -100,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
 
-    engine = Engine(model, max_batch_size=max(batch_sizes), max_seq_len=P + N, compile=ns.compile)
-    if ns.compile:  # compile for every batch size before timing
-        for b in batch_sizes:
-            engine.generate([[1] * P] * b, SamplingParams(temperature=0, max_new_tokens=3))
-        print(f"herd decode step compiled: {engine.compiled}")
-
     rows = []
     gen = torch.Generator().manual_seed(1)
     for b in batch_sizes:
+        # One engine per batch size, as a server would size its cache (a compiled step is then
+        # specialized to exactly these shapes).
+        engine = Engine(model, max_batch_size=b, max_seq_len=P + N, compile=ns.compile)
+        if ns.compile:
+            engine.generate([[1] * P] * b, SamplingParams(temperature=0, max_new_tokens=3))
+            print(f"herd decode step compiled for batch {b}: {engine.compiled}")
         prompts = torch.randint(0, args.vocab_size, (b, P), generator=gen)
         plist = prompts.tolist()
         p1, pn = SamplingParams(temperature=0, max_new_tokens=1), SamplingParams(temperature=0, max_new_tokens=N)

@@ -120,8 +120,12 @@ class Engine:
             # max-autotune-no-cudagraphs plus freezing: the weights become constants that inductor
             # prepacks for its own GEMV kernels, which read them near the memory bandwidth (mkl's
             # linear reaches about half of it here). So later in-place edits of the weights are not seen.
-            options = {"max_autotune": True, "freezing": True}
-            self._decode = torch.compile(self._decode_step, options=options, fullgraph=True, dynamic=False)
+            # Set globally (as TORCHINDUCTOR_FREEZING=1 does): passed through options= it was not applied.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            self._decode = torch.compile(self._decode_step, mode="max-autotune-no-cudagraphs", fullgraph=True,
+                                         dynamic=False)
         else:
             mode = mode or "reduce-overhead"
             self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
