@@ -168,3 +168,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any | None = 
         values[f.name] = value
     values.update(extra)
     return cls(**values)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

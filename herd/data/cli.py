@@ -5,7 +5,8 @@ train and apply classifiers.
     herd data pack --input clean.jsonl --output OUT --tokenizer tokenizer.model
     herd data inspect OUT [--split train --seq-len 64 --window 0]
     herd data corpus OUT [--max-mb 20]
-    herd data train-classifier ... / herd data score ...   (herd.data.classifier_cli)
+    herd data train-classifier ... / herd data score ... / herd data fit-kl ...   (herd.data.classifier_cli)
+    herd data report PIPELINE_DIR REPORT_DIR   (herd.data.report)
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     add_train_classifier_args(sub.add_parser("train-classifier", help="train a fastText quality/domain classifier",
                                              formatter_class=fmt))
     add_score_args(sub.add_parser("score", help="score documents with a trained classifier", formatter_class=fmt))
+    from herd.data.classifier_cli import add_fit_kl_args
+    from herd.data.report import add_report_args
+
+    add_fit_kl_args(sub.add_parser("fit-kl", help="fit the corpus token distribution for the KL filter",
+                                   formatter_class=fmt))
+    add_report_args(sub.add_parser("report", help="write the per-stage report of a pipeline folder",
+                                   formatter_class=fmt))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,6 +146,14 @@ def run_data(args: argparse.Namespace) -> int | None:
         from herd.data.classifier_cli import run_score
 
         return run_score(args)
+    if args.data_command == "fit-kl":
+        from herd.data.classifier_cli import run_fit_kl
+
+        return run_fit_kl(args)
+    if args.data_command == "report":
+        from herd.data.report import run_report
+
+        return run_report(args)
     handlers = {"run": _run, "pack": _pack, "inspect": _inspect, "corpus": _corpus}
     if args.data_command not in handlers:
         raise HerdError(f"unknown `herd data` subcommand {args.data_command!r}; see `herd data --help`.")
