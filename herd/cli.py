@@ -42,6 +42,16 @@ def _load(target: str) -> tuple[Any, Any]:
     return getattr(module, f"add_{name}_args"), getattr(module, f"run_{name}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help text already states one (dataclass flags do)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herd",
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               "reinstall herd with `pip install -e .`.", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"herd {name}", description=help_text,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     add_args(parser)
     args = parser.parse_args(rest)
     try:
