@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -62,8 +63,9 @@ class ClassifierTrainConfig:
     """Fraction of examples held out to measure accuracy (0 = none)."""
     seed: int = 0
     """Seed of the shuffle and of fastText."""
-    threads: int = 2
-    """Training threads."""
+    threads: int = 1
+    """Training threads. More than 1 trains faster, but fastText's lock-free updates then make
+    results (and, rarely, divergence) vary from run to run; 1 with a fixed seed is repeatable."""
 
 
 def to_line(text: str, max_chars: int = 10000) -> str:
@@ -104,9 +106,19 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
         with open(train_file, "w", encoding="utf-8") as f:
             for text, label in train:
                 f.write(f"__label__{label} {text}\n")
-        model = fasttext.train_supervised(
-            input=train_file, epoch=config.epoch, lr=config.lr, dim=config.dim, wordNgrams=config.word_ngrams,
-            minCount=config.min_count, bucket=config.bucket, thread=config.threads, seed=config.seed, verbose=0)
+        lr = config.lr
+        for attempt in range(4):
+            try:
+                model = fasttext.train_supervised(
+                    input=train_file, epoch=config.epoch, lr=lr, dim=config.dim, wordNgrams=config.word_ngrams,
+                    minCount=config.min_count, bucket=config.bucket, thread=config.threads, seed=config.seed,
+                    verbose=0)
+                break
+            except RuntimeError as e:  # fastText's SGD diverged ("Encountered NaN"): halve the step size
+                if "NaN" not in str(e) or attempt == 3:
+                    raise HerdError(f"fastText training failed ({e}) even at lr {lr:g}; lower --lr or --epoch.") from e
+                lr /= 2
+                print(f"fastText training diverged at lr {lr * 2:g}; retrying at lr {lr:g}", file=sys.stderr)
     tmp_model = f"{model_path}.tmp{os.getpid()}"
     model.save_model(tmp_model)
     os.replace(tmp_model, model_path)
