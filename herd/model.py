@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from herd.errors import ConfigError
+
 try:  # FlexAttention: the fast document-masked kernel on GPU (torch >= 2.5).
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # pragma: no cover - older torch
@@ -67,18 +69,18 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"dim {self.dim} is not divisible by n_heads {self.n_heads}; "
                     "choose a dim that is a multiple of n_heads or set head_dim."
                 )
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}; "
                 "grouped-query attention needs each KV head to serve the same number of query heads."
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} is odd; RoPE rotates pairs, so it must be even.")
+            raise ConfigError(f"head_dim {self.head_dim} is odd; RoPE rotates pairs, so it must be even.")
 
     @property
     def hidden_dim(self) -> int:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
