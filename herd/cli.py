@@ -10,17 +10,12 @@ Errors: a HerdError (bad input) prints one line, `herd: error: <reason and fix>`
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import importlib
-import inspect
 import sys
-import textwrap
-import types
-import typing
 from typing import Any
 
 from herd.errors import HerdError
+from herd.flags import HelpFormatter
 
 # name -> (target, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,16 +35,6 @@ def _load(target: str) -> tuple[Any, Any]:
     module_name, name = target.split(":")
     module = importlib.import_module(module_name)
     return getattr(module, f"add_{name}_args"), getattr(module, f"run_{name}")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where the help text already states one (dataclass flags do)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default:" in text or action.default is None:
-            return text
-        return super()._get_help_string(action)
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -85,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
               "reinstall herd with `pip install -e .`.", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"herd {name}", description=help_text,
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_args(parser)
     args = parser.parse_args(rest)
     try:
@@ -97,87 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\nherd: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dataclass configs -> command-line flags. Each field becomes --field-name with the field's
-# docstring (the string literal under it) as help text.
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: the string literal right after each field."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _base_type(tp: Any) -> tuple[type, bool]:
-    """(scalar type, optional?) of an annotation like `int | None`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                       group: str | None = None) -> None:
-    """Add one --flag per field of dataclass `cls`; defaults are None so unset flags are detectable."""
-    target = parser.add_argument_group(group) if group else parser
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp, optional = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = (docs.get(f.name, "") + f" (default: {default})").strip()
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
-            target.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
-        elif tp in (int, float, str):
-            target.add_argument(flag, type=tp, default=None, help=help_text)
-        else:  # lists and other structures: comma-separated scalars
-            target.add_argument(flag, type=str, default=None, help=help_text + " (comma-separated)")
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace, base: Any | None = None, **extra: Any) -> Any:
-    """Build `cls` from parsed flags: fields from `base` (or defaults), overridden by flags that were set."""
-    values = dataclasses.asdict(base) if base is not None else {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        tp, _ = _base_type(hints[f.name])
-        if isinstance(value, str) and typing.get_origin(tp) in (list, tuple):
-            (elem,) = typing.get_args(tp)[:1]
-            value = [elem(v) for v in value.split(",") if v]
-        values[f.name] = value
-    values.update(extra)
-    return cls(**values)
 
 
 if __name__ == "__main__":

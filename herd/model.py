@@ -90,6 +90,15 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count from the shape alone (a tied output matrix is the embedding, counted once)."""
+        attention = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo, wk, wv
+        block = attention + 3 * self.dim * self.hidden_dim + 2 * self.dim  # + w1, w2, w3 and two norms
+        embedding = self.vocab_size * self.dim
+        output = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        total = self.n_layers * block + self.dim + embedding + output  # + the final norm
+        return total - embedding if exclude_embeddings else total
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -248,6 +257,19 @@ def document_mask(document_ids: Tensor) -> Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
+def init_std(name: str, ndim: int, args: ModelArgs, std: float = 0.02) -> float | None:
+    """The init rule of one parameter: None for ones (norm weights), else the normal std.
+
+    Normal(0, std) everywhere, except that the projections writing into the residual stream (wo,
+    w2) get std / sqrt(2 * n_layers), so the residual variance does not grow with depth (GPT-2).
+    """
+    if ndim == 1:
+        return None
+    if name.endswith(("wo.weight", "w2.weight")):
+        return std / math.sqrt(2 * args.n_layers)
+    return std
+
+
 class Transformer(nn.Module):
     """The Llama 3 model: tokens [B, S] -> float32 logits [B, S, vocab]."""
 
@@ -265,19 +287,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Random init for training from scratch (also materializes meta-device models after to_empty).
-
-        Normal(0, std) everywhere; the projections that write into the residual stream (wo, w2)
-        are scaled by 1/sqrt(2 * n_layers) so the residual variance does not grow with depth.
-        """
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+        """Random init for training from scratch (also materializes meta-device models after to_empty):
+        each parameter as `init_std` says."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            s = init_std(name, p.ndim, self.args, std)
+            if s is None:
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, out_std)
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, s)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -289,11 +306,8 @@ class Transformer(nn.Module):
         self.rope_inv_freq = rope_frequencies(self.args, device=device)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (a tied output matrix is the embedding, counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
+        """Parameter count of the architecture (see ModelArgs.num_params; sharded or meta models too)."""
+        return self.args.num_params(exclude_embeddings)
 
     def features(self, tokens: Tensor, *, positions: Tensor | None = None, mask: Tensor | Any | None = None,
                  document_ids: Tensor | None = None, cache: KVCache | None = None,

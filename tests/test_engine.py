@@ -3,7 +3,6 @@ model without a cache, and sampling filters checked on hand-computed distributio
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -4,18 +4,16 @@ curve of an uninterrupted run; and the speedrun's unigram entropy against a hand
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from herd.data.shards import ShardWriter
-from herd.train.checkpoint import checkpoint_dirs
+from herd.train.state import state_dirs
 from herd.train.loop import pretrain
 from herd.train.metrics import read_log
 from herd.train.speedrun import unigram_entropy
@@ -43,7 +41,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(cli(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(checkpoint_dirs(out / "checkpoints")) < 2:
+    while time.time() < deadline and proc.poll() is None and len(state_dirs(out / "checkpoints")) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

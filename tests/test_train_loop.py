@@ -4,8 +4,6 @@ are caught, and bad input is one clear sentence that loses nothing already writt
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from herd.errors import HerdError
-from herd.train import checkpoint as ckpt
+from herd.train import state as ckpt
 from herd.train.config import TrainConfig
 from herd.train.loop import pretrain
 from herd.train.metrics import read_log
@@ -63,7 +61,7 @@ def test_tiny_model_loss_falls_and_run_is_exported(reference):
 
     exported = load_checkpoint(out / "final")
     assert exported.args.dim == 128 and exported.args.n_layers == 4
-    assert [p.name for p in ckpt.checkpoint_dirs(out / "checkpoints")] == [f"step_{STEPS:08d}"]
+    assert [p.name for p in ckpt.state_dirs(out / "checkpoints")] == [f"step_{STEPS:08d}"]
 
 
 def test_stop_and_resume_reproduces_the_curve_exactly(data, reference, tmp_path):
@@ -85,24 +83,24 @@ def test_stop_and_resume_reproduces_the_curve_exactly(data, reference, tmp_path)
 def test_crash_during_save_keeps_the_previous_checkpoint(data, reference, tmp_path, monkeypatch):
     ref_out, _ = reference
     out = tmp_path / "run"
-    real_publish = ckpt._publish
+    real_publish = ckpt.replace_folder
 
     def crash_at_step_4(tmp, final):
         if final.name == "step_00000004":
             raise KeyboardInterrupt("simulated crash between writing and publishing a checkpoint")
         real_publish(tmp, final)
 
-    monkeypatch.setattr(ckpt, "_publish", crash_at_step_4)
+    monkeypatch.setattr(ckpt, "replace_folder", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         pretrain(config(data, out, checkpoint_every=2))
     root = out / "checkpoints"
     assert (root / "step_00000004.tmp").is_dir()  # the half-finished save is left aside ...
-    assert ckpt.latest_checkpoint(root) == root / "step_00000002"  # ... and ignored
-    monkeypatch.setattr(ckpt, "_publish", real_publish)
+    assert ckpt.latest_state(root) == root / "step_00000002"  # ... and ignored
+    monkeypatch.setattr(ckpt, "replace_folder", real_publish)
     pretrain(config(data, out, checkpoint_every=2, resume=True))
     assert losses(out) == losses(ref_out)
     assert not (root / "step_00000004.tmp").exists()
-    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step_00000004", "step_00000006", "step_00000008"]
+    assert [p.name for p in ckpt.state_dirs(root)] == ["step_00000004", "step_00000006", "step_00000008"]
 
 
 def test_nan_is_caught_skipped_and_named(data, tmp_path):

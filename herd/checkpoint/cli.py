@@ -11,7 +11,7 @@ import torch
 
 from herd.checkpoint import FORMATS, find_tokenizer, load_args, load_checkpoint, save_checkpoint
 from herd.checkpoint.common import DTYPES, meta_model, parse_dtype
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.configs import PRESETS, get_preset
 from herd.errors import HerdError
 from herd.model import ModelArgs, Transformer
@@ -44,7 +44,7 @@ def add_init_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPE_CHOICES, default="fp32", help="dtype of the stored weights")
     parser.add_argument("--shards", type=int, default=1, help="number of weight files")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model to copy beside the weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    add_bool_flag(parser, "--overwrite", default=False, help="replace an existing checkpoint at DST")
     add_dataclass_args(parser, ModelArgs, group="model overrides (applied on top of the preset)")
 
 
@@ -83,7 +83,7 @@ def add_info_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=Path, help="checkpoint folder (herd, Hugging Face or Meta)")
     parser.add_argument("--seq-len", type=int, default=None, help="context length for the KV-cache size "
                         "(default: the model's max_seq_len)")
-    parser.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    add_bool_flag(parser, "--json", default=False, help="print the numbers as one JSON object")
 
 
 def model_info(args: ModelArgs, seq_len: int | None = None) -> dict:
@@ -138,7 +138,7 @@ def add_convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="convert the weights (default: keep)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.model to copy (default: the one beside SRC, if any)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at DST")
+    add_bool_flag(parser, "--overwrite", default=False, help="replace an existing checkpoint at DST")
 
 
 def run_convert(ns: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import shutil
 import struct
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from herd import fileio
 from herd.errors import HerdError
 from herd.model import ModelArgs, Transformer
 
@@ -123,7 +123,6 @@ def _map_tensor(f, begin: int, stop: int, dtype: torch.dtype, shape: tuple[int, 
     if t.data_ptr() % itemsize:  # unaligned data: copy rather than hand kernels a misaligned pointer
         t = t.clone()
     return t.view(shape)
-    return out
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[str, str] | None = None,
@@ -274,22 +273,8 @@ def atomic_folder(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         if dst.is_file() or (any(dst.iterdir()) and detect_format(dst, strict=False) is None):
             raise HerdError(f"{dst} exists and is not a checkpoint folder, so it will not be replaced; "
                             "choose another path.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with fileio.atomic_folder(dst, overwrite=True, replaceable=lambda d: True) as tmp:
         yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_tokenizer(tokenizer_path: str | Path | None, folder: Path) -> None:

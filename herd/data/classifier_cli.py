@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import add_dataclass_args, dataclass_from_args
 from herd.data.filters.quality import ClassifierTrainConfig, FastTextClassifier, top_fraction_threshold, train_classifier
 from herd.data.readers import iter_documents
 from herd.errors import HerdError

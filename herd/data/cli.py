@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import HelpFormatter, add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
 
 
@@ -25,7 +25,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     from herd.data.pipeline import DataConfig
 
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser("run", help="filter, dedup, mix and pack raw text (resumable)", formatter_class=fmt,
                        description="Run the pipeline: read -> language id -> heuristic filters -> [quality] -> URL, "

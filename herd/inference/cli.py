@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
@@ -31,7 +31,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start, faster steps)")
+    add_bool_flag(parser, "--compile", default=False, help="torch.compile the decode step (slow start, faster steps)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
     add_dataclass_args(parser, SamplingParams, skip=("logprobs",), group="sampling")
@@ -102,9 +102,9 @@ def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tok
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads it from stdin)")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap the prompt as one user message in the Llama 3 chat format (for instruct models)")
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|>")
+    add_bool_flag(parser, "--chat", default=False,
+                  help="wrap the prompt as one user message in the Llama 3 chat format (for instruct models)")
+    add_bool_flag(parser, "--no-bos", default=False, help="do not prepend <|begin_of_text|>")
     _add_common_args(parser)
 
 

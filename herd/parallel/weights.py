@@ -17,27 +17,14 @@ as full tensors on every rank).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from herd.errors import HerdError
-from herd.model import ModelArgs, Transformer
+from herd.model import ModelArgs, Transformer, init_std
 from herd.parallel.parallelize import parallelize
-
-
-def init_std(name: str, param: Tensor, args: ModelArgs, std: float = 0.02) -> float | None:
-    """The init of one parameter as Transformer.init_weights does it: None for ones (norm
-    weights), else the normal std (std / sqrt(2 * n_layers) for wo and w2, which write into
-    the residual stream). tests/test_parallel.py checks this against init_weights."""
-    if param.ndim == 1:
-        return None
-    if name.endswith(("wo.weight", "w2.weight")):
-        return std / math.sqrt(2 * args.n_layers)
-    return std
 
 
 def _local_part(full: Tensor, like: Tensor) -> Tensor:
@@ -63,7 +50,7 @@ def materialize(model: Transformer, device: torch.device | str, seed: int = 0, s
     gen = torch.Generator(device=where).manual_seed(seed)
     for name, p in model.named_parameters():
         full = torch.empty(p.shape, dtype=p.dtype, device=where)  # global shape
-        s = init_std(name, p, model.args, std)
+        s = init_std(name, p.ndim, model.args, std)
         if s is None:
             full.fill_(1.0)
         else:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import HelpFormatter, add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
 from herd.tokenizer.core import Tokenizer
 from herd.tokenizer.train import iter_files, read_documents
@@ -31,9 +31,8 @@ class BPETrainConfig:
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
-    # the dataclass flags already print their defaults, so no ArgumentDefaultsHelpFormatter here
     p = sub.add_parser("train",
                        help="learn a byte-level BPE vocabulary (Llama 3 pattern) and write a tiktoken file",
                        description="Learn a byte-level BPE with Llama 3's pre-tokenization using the Hugging Face "
@@ -50,10 +49,10 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     _tokenizer_arg(p)
     p.add_argument("--text", help="text to encode (default: read --input or stdin)")
     p.add_argument("--input", metavar="FILE", help="UTF-8 file to encode")
-    p.add_argument("--bos", action="store_true", help="prepend <|begin_of_text|>")
-    p.add_argument("--eos", action="store_true", help="append <|end_of_text|>")
-    p.add_argument("--allow-special", action="store_true",
-                   help="turn special-token strings in the text (e.g. '<|eot_id|>') into their ids")
+    add_bool_flag(p, "--bos", default=False, help="prepend <|begin_of_text|>")
+    add_bool_flag(p, "--eos", default=False, help="append <|end_of_text|>")
+    add_bool_flag(p, "--allow-special", default=False,
+                  help="turn special-token strings in the text (e.g. '<|eot_id|>') into their ids")
     p.add_argument("--format", choices=("ids", "json", "tokens"), default="ids",
                    help="ids: space-separated; json: a list; tokens: one 'id<TAB>repr(bytes)' per line")
 
@@ -72,7 +71,7 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
                    help="tokenizer.model files (or folders holding one)")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text/.jsonl files or folders")
     p.add_argument("--glob", default="*", help="file-name pattern inside input folders")
-    p.add_argument("--json", action="store_true", help="print one JSON object per tokenizer instead of a table")
+    add_bool_flag(p, "--json", default=False, help="print one JSON object per tokenizer instead of a table")
 
 
 def _tokenizer_arg(p: argparse.ArgumentParser) -> None:

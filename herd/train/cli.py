@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from herd.cli import _parse_bool, add_dataclass_args, dataclass_from_args
+from herd.flags import add_dataclass_args, dataclass_from_args
 from herd.train.config import TrainConfig
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
-    add_dataclass_args(parser, TrainConfig, skip=("resume",))
-    parser.add_argument("--resume", nargs="?", const=True, default=None, type=_parse_bool, metavar="BOOL",
-                        help="continue from the newest complete checkpoint in OUT/checkpoints "
-                             "(a fresh start if there is none)")
+    add_dataclass_args(parser, TrainConfig)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

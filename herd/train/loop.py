@@ -27,7 +27,7 @@ from herd.configs import get_preset
 from herd.errors import HerdError
 from herd.model import ModelArgs
 from herd.parallel import all_reduce_mean, barrier, build_mesh, build_model, clip_grad_norm_, init_distributed, is_main
-from herd.train import checkpoint as ckpt
+from herd.train import state as ckpt
 from herd.train.config import TrainConfig, parse_stages, stage_value
 from herd.train.data import Batch, BatchLoader, validation_batches
 from herd.train.loss import cross_entropy_sum, linear_cross_entropy, output_weight
@@ -60,13 +60,13 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         raise HerdError(f"--seq-len {max_seq} is longer than {cfg.preset}'s max_seq_len {args.max_seq_len}; "
                         "train shorter sequences or pick a larger preset.")
     micro = check_fits(cfg, args, device, max_batch // dp_size, max_seq)
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume and ckpt.latest_checkpoint(ckpt_root) is not None:
+    resume_from = ckpt.latest_state(ckpt_root) if cfg.resume else None
+    if not cfg.resume and ckpt.latest_state(ckpt_root) is not None:
         raise HerdError(f"{ckpt_root} already holds checkpoints; pass --resume to continue that run or choose "
                         "a new --out (nothing was overwritten).")
     state: dict[str, Any] = {}
     if resume_from is not None:
-        state = ckpt.read_train_state(resume_from)
+        state = ckpt.read_state_info(resume_from)
         ckpt.check_compatible(state, args, resume_from)
         if state.get("tokenizer_sha256") and state["tokenizer_sha256"] != data.tokenizer_sha256:
             raise HerdError(f"{resume_from} was trained on shards from another tokenizer; resume with the "
@@ -82,7 +82,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     start_step, total = 0, cfg.steps
     guard = SpikeGuard(cfg)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+        state = ckpt.load_train_state(resume_from, model, optimizer)
         start_step, total = int(state["step"]), int(state["total_steps"])
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state.get("guard", {}))
@@ -91,7 +91,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     log = MetricsLogger(out, enabled=is_main(), tensorboard=cfg.tensorboard, resume_step=start_step)
     if resume_from is not None:
         log.print(f"resuming {resume_from} at step {start_step} of {total}")
-    n_params = sum(p.numel() for p in model.parameters()) if mesh is None else args_params(args)
+    n_params = args.num_params()
     peak, peak_source = peak_flops(device, cfg.peak_tflops)
     log.print(f"{cfg.preset}: {n_params / 1e6:.2f}M parameters on {device} x {info.world_size} "
               f"(dp {dp_size}, tp {cfg.tp}), {precision}; train split {data.train.n_tokens:,} tokens; "
@@ -128,7 +128,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
                 "config": cfg.to_dict(), "model_args": args.to_dict(), "tokenizer_sha256": data.tokenizer_sha256}
 
     def save(step: int) -> None:
-        path = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, train_state(step), keep=cfg.keep_checkpoints)
+        path = ckpt.save_train_state(ckpt_root, step, model, optimizer, train_state(step), keep=cfg.keep_checkpoints)
         log.log("checkpoint", step, path=str(path))
 
     t_start, step_times, tokens_seen = time.perf_counter(), [], 0
@@ -205,8 +205,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     summary.update(steps=step, total_steps=total, wall_s=wall,
                    tokens_per_s=tokens_seen / max(sum(step_times), 1e-9), tokens=tokens_seen)
     if cfg.average_checkpoints > 1:
-        group = ckpt.checkpoint_dirs(ckpt_root)[-cfg.average_checkpoints:]
-        ckpt.average_checkpoints(group, model)
+        group = ckpt.state_dirs(ckpt_root)[-cfg.average_checkpoints:]
+        ckpt.average_states(group, model)
         log.print(f"averaged the weights of {len(group)} checkpoints: {', '.join(p.name for p in group)}")
         summary["averaged"] = [str(p) for p in group]
     if val:
@@ -221,13 +221,6 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         summary["plot"] = str(plot_loss(out / "log.jsonl", out / "loss.png"))
     barrier()
     return summary
-
-
-def args_params(args: ModelArgs) -> int:
-    """Parameter count from the shape alone (a sharded model holds only its slice)."""
-    per_layer = 2 * args.dim * args.head_dim * (args.n_heads + args.n_kv_heads) + 3 * args.dim * args.hidden_dim + 2 * args.dim
-    emb = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)
-    return args.n_layers * per_layer + emb + args.dim
 
 
 class SpikeGuard:

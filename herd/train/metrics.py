@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from herd.fileio import atomic_path, atomic_write
 from herd.model import ModelArgs
 
 # Dense bf16 peak FLOP/s (no sparsity) by a substring of torch.cuda.get_device_name().
@@ -37,13 +38,9 @@ GPU_PEAK_BF16 = {
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (non-embedding params + output params) + 12 * L * H * D * S."""
-    d, layers = args.dim, args.n_layers
-    attn = d * args.n_heads * args.head_dim * 2 + d * args.n_kv_heads * args.head_dim * 2  # wq, wo, wk, wv
-    ffn = 3 * d * args.hidden_dim
-    norms = 2 * d * layers + d
-    non_embedding = layers * (attn + ffn) + norms
-    output = args.vocab_size * d
-    return 6.0 * (non_embedding + output) + 12.0 * layers * args.n_heads * args.head_dim * seq_len
+    non_embedding = args.num_params(exclude_embeddings=True) - (0 if args.tie_embeddings else args.vocab_size * args.dim)
+    output = args.vocab_size * args.dim
+    return 6.0 * (non_embedding + output) + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
 def measure_cpu_peak_flops(n: int = 1024, seconds: float = 0.5) -> float:
@@ -131,9 +128,7 @@ class MetricsLogger:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, event: str, step: int, **values: Any) -> None:
         """One JSONL record (and TensorBoard scalars for its numbers)."""
@@ -192,8 +187,7 @@ def plot_loss(log_path: str | os.PathLike, png_path: str | os.PathLike, referenc
     ax.grid(alpha=0.3)
     ax.legend()
     png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png_path)
     return png_path

@@ -84,10 +84,8 @@ def check_fits(cfg: TrainConfig, args: ModelArgs, device: torch.device, local_ba
     if local_batch % micro:
         raise HerdError(f"the per-rank batch of {local_batch} sequences does not split into micro-batches of "
                         f"{micro}; choose a --micro-batch-size that divides it.")
-    from herd.train.loop import args_params
-
     shard = max(cfg.dp, 1) * max(cfg.tp, 1) if cfg.dp else 1  # optimizer state is sharded under FSDP/TP
-    need = estimate_bytes(args, micro, seq_len, args_params(args) // shard, masked=cfg.document_mask)
+    need = estimate_bytes(args, micro, seq_len, args.num_params() // shard, masked=cfg.document_mask)
     have = available_bytes(device)
     if need > have:
         raise HerdError(f"a micro-batch of {micro} x {seq_len} tokens of {cfg.preset} needs about {need / 2**30:.1f} GiB "

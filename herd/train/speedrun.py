@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.cli import add_dataclass_args, dataclass_from_args
+from herd.flags import add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
+from herd.fileio import atomic_write
 
 
 @dataclass
@@ -118,9 +119,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
         mb = cfg.corpus_mb or (20.0 if gpu else 4.0)
         _say("1/5 corpus", f"gathering {mb:g} MB of text from this machine -> {corpus}")
         files = build_local_corpus(corpus, max_mb=mb)
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"files": [str(f) for f in files], "max_mb": mb}))
-        os.replace(tmp, marker)
+        atomic_write(marker, json.dumps({"files": [str(f) for f in files], "max_mb": mb}))
     n_bytes = sum(f.stat().st_size for f in corpus.glob("*.jsonl"))
     _say("1/5 corpus", f"{n_bytes / 1e6:.1f} MB of jsonl")
 
@@ -173,9 +172,7 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
         summary = {k: v for k, v in result.items() if k in ("steps", "val_loss", "tokens_per_s", "tokens", "sample", "final")}
         summary.update(preset=preset, unigram_entropy=entropy, train_tokens=n_train,
                        train_wall_s=result.get("wall_s"), config=asdict(cfg))
-        tmp = summary_path.with_name(summary_path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, summary_path)
+        atomic_write(summary_path, json.dumps(summary, indent=1) + "\n")
     summary["wall_s"] = time.time() - t0
     if "val_loss" in summary:
         _say("result", f"validation loss {summary['val_loss']:.3f} nats/token vs unigram entropy {entropy:.3f} "

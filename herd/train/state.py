@@ -1,4 +1,8 @@
-"""Resumable training checkpoints (torch Distributed Checkpoint), averaging, and the final export.
+"""Resumable training state (torch Distributed Checkpoint): save, find, load and average it.
+
+Not to be confused with herd.checkpoint, which reads and writes *weights* in herd, Hugging Face
+and Meta formats; this module saves everything a run needs to continue exactly (model and
+optimizer shards, data position, RNG), under OUT/checkpoints.
 
 Layout of OUT/checkpoints/step_00000100/:
     .metadata, __R_0.distcp   DCP files: model + optimizer state, each rank writes its own shards
@@ -9,7 +13,7 @@ Layout of OUT/checkpoints/step_00000100/:
 Atomicity: everything is written into step_N.tmp, then rank 0 renames it to step_N (one rename
 on one file system) and only then deletes checkpoints beyond the newest K. A crash at any point
 leaves either the old set of complete checkpoints or the old set plus the new one; a stale
-*.tmp directory is ignored by `latest_checkpoint` and removed by the next save of that step.
+*.tmp directory is ignored by `latest_state` and removed by the next save of that step.
 
 Model and optimizer state go through torch.distributed.checkpoint.state_dict.get_state_dict /
 set_state_dict, which handle plain modules, FSDP2 and tensor-parallel DTensors alike, so the same
@@ -35,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from herd.errors import HerdError
+from herd.fileio import replace_folder
 from herd.model import ModelArgs, Transformer
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -58,7 +63,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+def state_dirs(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under root (those with train_state.json), oldest first."""
     root = Path(root)
     if not root.is_dir():
@@ -68,12 +73,12 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    dirs = checkpoint_dirs(root)
+def latest_state(root: str | os.PathLike) -> Path | None:
+    dirs = state_dirs(root)
     return dirs[-1] if dirs else None
 
 
-def read_train_state(ckpt: Path) -> dict[str, Any]:
+def read_state_info(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -96,7 +101,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_train_state(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     train_state: dict[str, Any], keep: int = 3) -> Path:
     """Write step_N atomically under root (all ranks call this); returns the final directory."""
     root = Path(root)
@@ -113,23 +118,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     _barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps({**train_state, "step": step}, indent=1) + "\n")
-        _publish(tmp, final)
-        for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        replace_folder(tmp, final)  # the commit point: one rename makes the checkpoint visible
+        for old in state_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """The commit point: one rename makes the checkpoint visible."""
-    if final.exists():  # re-saving a step (e.g. the end of a resumed run): replace the old copy
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def check_compatible(state: dict[str, Any], model_args: ModelArgs, ckpt: Path) -> None:
@@ -143,9 +136,9 @@ def check_compatible(state: dict[str, Any], model_args: ModelArgs, ckpt: Path) -
                         f"run's {what}; resume with the checkpoint's --preset or start a new run with a new --out.")
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_train_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ckpt; returns its train_state.json."""
-    state = read_train_state(ckpt)
+    state = read_state_info(ckpt)
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
     try:
@@ -162,7 +155,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def average_checkpoints(ckpts: list[Path], model: torch.nn.Module) -> None:
+def average_states(ckpts: list[Path], model: torch.nn.Module) -> None:
     """Load the mean of the model weights stored in `ckpts` into model (Polyak averaging)."""
     target = unwrap(model)
     avg = get_model_state_dict(target)
