@@ -83,7 +83,7 @@ class _ProblemCounting:
         return Document(text=text, id=str(doc_id) if doc_id is not None else default_id, metadata=metadata)
 
 
-def _decompressed_lines(f: Any, name: str) -> Iterator[bytes]:
+def decompressed_lines(f: Any, name: str) -> Iterator[bytes]:
     """Byte lines of a raw, .gz or .zst file; a truncated or corrupt stream raises after its last good line."""
     low = name.lower()
     if low.endswith(".gz"):
@@ -126,7 +126,7 @@ class JsonlReader(_ProblemCounting, BaseDiskReader):
         line_no = 0
         try:
             with self.data_folder.open(filepath, "rb", compression=None) as f:
-                for line_no, raw in enumerate(_decompressed_lines(f, filepath), 1):
+                for line_no, raw in enumerate(decompressed_lines(f, filepath), 1):
                     if not raw.strip():
                         continue
                     where = f"{filepath}:{line_no}"
