@@ -353,5 +353,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        # A module call, not its weight: a wrapped output layer (a LoRA adapter) takes part too.
+        return self.output(h).float()

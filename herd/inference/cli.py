@@ -28,6 +28,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder (herd, Hugging Face or Meta format)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.model (default: the one stored with the checkpoint)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="LoRA adapter folder (herd's or peft's) to apply on top of the checkpoint, unmerged")
     parser.add_argument("--dtype", choices=_DTYPES, default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -56,6 +58,11 @@ def _load(ns: argparse.Namespace):
     except (RuntimeError, AssertionError):
         raise HerdError(f"device '{device}' is not available here; use --device cpu.") from None
     model = load_checkpoint(ns.checkpoint, device=device, dtype=ns.dtype)
+    if getattr(ns, "adapter", None) is not None:
+        from herd.posttrain.adapter import load_adapter
+
+        load_adapter(model, ns.adapter)
+        model.requires_grad_(False)
     if tokenizer.n_words > model.args.vocab_size:
         raise HerdError(f"the tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}; "
                         "use the tokenizer the model was trained with.")
