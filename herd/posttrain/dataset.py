@@ -158,7 +158,7 @@ def build_sft_data(cfg: SFTDataConfig, tokenizer: Any, progress: bool = True) ->
     val: list[tuple[list[int], list[bool]]] = []
     records = iter_records(files, report)
     for where, record in tqdm(records, desc="rendering chats", unit=" records", disable=not progress,
-                              mininterval=1.0):
+                              mininterval=1.0, delay=2.0):  # a bar only when it takes a while
         try:
             ids, mask = render(to_conversation(record, cfg.text_pairs), chat, cfg.train_on)
         except RecordError as e:
