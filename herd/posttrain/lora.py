@@ -116,9 +116,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = scaling(alpha, rank, rslora)
-        device = weight.device if weight.device.type != "meta" else None
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        # on the base's device, the meta device included (a model materialized later with to_empty
+        # then needs reset_lora_parameters or loaded adapters)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()

@@ -10,7 +10,9 @@ Record formats (TRL's, so data prepared for TRL's SFTTrainer works unchanged):
 Assistant tool calls use {"role": "assistant", "tool_calls": [{"type": "function", "function":
 {"name", "arguments"}}]}; tool results the role "tool" or "ipython" (herd.tokenizer.chat renders
 both as Llama 3.1's ipython turn). Content may also be a list of {"type": "text", "text"} parts
-(OpenAI style), which are joined. A "tools" field may be a list or a JSON string (parquet).
+(OpenAI style), which are joined. A "tools" field may be a list or a JSON string (parquet); the hf
+chat style shows the schemas to the model as Llama 3.1's template does, the meta style (Meta's
+plain dialog format, which has no place for them) renders the messages only.
 
 What is learned (the mask), by `train_on`:
   assistant  each assistant reply: its content and closing <|eot_id|> / <|eom_id|> (default)
