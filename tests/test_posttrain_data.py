@@ -212,8 +212,12 @@ def test_every_file_kind_reads_the_same_examples(tok, tmp_path):
         other = build_sft_data(SFTDataConfig(data=[str(tmp_path / name)], **cfg), tok, progress=False)
         assert other.train.fingerprint() == plain.train.fingerprint(), name
         assert other.report.records == 12 and other.report.kept == 12
-    # a folder: all five files, plus a README that is skipped and counted
+    # a folder: all five files, plus a README that is skipped and counted; hidden files (a git
+    # folder, the temporary of an unfinished atomic write) are not data at all
     (tmp_path / "README.md").write_text("# my data\n")
+    (tmp_path / ".git").mkdir()
+    _write_jsonl(tmp_path / ".git" / "x.jsonl", records)
+    _write_jsonl(tmp_path / ".a.jsonl.tmp-123.jsonl", records)
     folder = build_sft_data(SFTDataConfig(data=[str(tmp_path)], **cfg), tok, progress=False)
     assert folder.report.files == 5 and folder.report.kept == 60
     assert folder.report.dropped == {"skipped_files": 1}

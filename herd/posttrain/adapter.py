@@ -116,7 +116,7 @@ def read_adapter(folder: str | os.PathLike, args: Any) -> tuple[AdapterSpec, dic
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise HerdError(f"{folder} is not a LoRA adapter folder (needs {CONFIG} and {WEIGHTS}); pass the folder "
-                        "`herd sft --lora-rank ...` or peft's save_pretrained wrote.")
+                        "herd's save_adapter or peft's save_pretrained wrote.")
     cfg = read_json(folder / CONFIG)
     _check_config(cfg, folder / CONFIG)
     state: dict[str, Tensor] = {}

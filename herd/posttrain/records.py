@@ -40,7 +40,8 @@ def data_files(paths: str | os.PathLike | Iterable[str | os.PathLike], report: D
     """The data files of `paths` (files, or folders searched recursively), each once, in the order given.
 
     A file named directly must be jsonl(.gz/.zst), json or parquet; inside a folder other files
-    (a README, a .gitattributes) are skipped and counted in `report`.
+    (a README) are skipped and counted in `report`, hidden ones (.git/, .gitattributes, the
+    temporaries of an unfinished atomic write) ignored.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -55,10 +56,13 @@ def data_files(paths: str | os.PathLike | Iterable[str | os.PathLike], report: D
             found = [path]
         else:
             found = []
-            for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            # hidden files and folders (.git, temporaries of an atomic write) are not data
+            files = [q for q in path.rglob("*") if q.is_file()
+                     and not any(part.startswith(".") for part in q.relative_to(path).parts)]
+            for p in sorted(files):
                 if _supported(p.name):
                     found.append(p)
-                elif report is not None and not p.name.startswith("."):
+                elif report is not None:
                     report.count("skipped_files", str(p), "not jsonl/json/parquet")
             if not found:
                 raise HerdError(f"folder {path} holds no .jsonl(.gz/.zst), .json or .parquet file; point --data "
