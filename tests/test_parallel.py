@@ -83,6 +83,7 @@ def check_same_training(got: dict, name: str) -> None:
         torch.testing.assert_close(got["final"][k], ref["final"][k], rtol=0, atol=2e-4, msg=f"{name}: {k}")
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", TWO)
 def test_two_ranks_train_like_one_process(two_rank_runs, name):
@@ -91,6 +92,7 @@ def test_two_ranks_train_like_one_process(two_rank_runs, name):
     check_same_training(two_rank_runs[name], name)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_bf16_mixed_precision(two_rank_runs):
     """MixedPrecisionPolicy(bf16 params, fp32 reduce): fp32 master weights, bf16 compute."""
@@ -101,6 +103,7 @@ def test_fsdp_bf16_mixed_precision(two_rank_runs):
     assert diff.max() > 1e-6, "bf16 compute should not reproduce fp32 exactly; was the policy applied?"
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", FOUR)
 def test_fsdp_times_tp_trains_like_one_process(four_rank_runs, name):
@@ -224,6 +227,7 @@ def read_log(run: Path) -> tuple[list[dict], list[float]]:
     return [r for r in rows if r["event"] == "train"], [r["loss"] for r in rows if r["event"] == "val"]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_herd_pretrain_fsdp_matches_single_process(tmp_path):
     """`torchrun --nproc-per-node 2 herd pretrain --dp 2` logs the losses of the one-process run,
