@@ -130,6 +130,19 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @property
+    def weight(self) -> Tensor:
+        """The effective matrix W + (B @ A) * scaling [out, in], differentiable in A and B (W once merged).
+
+        For code that multiplies by the matrix itself rather than calling the layer: the chunked
+        loss reads the output layer's (Transformer.output_weight). It costs one [out, in] matrix
+        and leaves out the adapter dropout, which acts on inputs only the layer call sees.
+        """
+        w = self.base.weight
+        if self.merged:
+            return w
+        return w + (self.lora_B.weight @ self.lora_A.weight * self.scaling).to(w.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         if self.merged:
