@@ -315,3 +315,27 @@ def test_bad_adapters_and_settings(base, tmp_path):
         load_adapter(Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
                                            multiple_of=32, tie_embeddings=True)), tmp_path / "out")
     assert isinstance(lora_modules(twice)["layers.0.attention.wq"], LoRALinear)
+
+
+def test_chunked_loss_head_sees_the_adapters(base):
+    """The training loss runs inside forward on the output matrix (Transformer.output_weight); with an
+    adapted output layer that matrix is W + BA*s, so loss and adapter gradients equal the logits path."""
+    from herd.train.loss import chunked_cross_entropy, cross_entropy_sum, lm_head
+
+    model = _adapted(base, targets=ALL)
+    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+    mask = torch.rand(targets.shape, generator=torch.Generator().manual_seed(4)) < 0.6
+    grads = []
+    for via_head in (True, False):
+        model.zero_grad(set_to_none=True)
+        if via_head:
+            loss = model(inputs, head=lm_head(chunked_cross_entropy, targets, mask, chunk=7))
+        else:
+            loss = cross_entropy_sum(model(inputs), targets, mask)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = grads
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert "output.lora_B.weight" in g1
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)

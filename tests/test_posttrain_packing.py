@@ -148,6 +148,21 @@ def test_packed_batch_equals_its_examples(data, models):
     assert abs(float(crossing[batch.loss_mask.flatten()].sum()) - float(total)) > 1e-2
 
 
+def test_training_loss_head_on_packed_batches(data, models):
+    """What the SFT loop computes: herd's masked chunked loss inside forward, on packed rows, equals
+    transformers' loss on the examples one by one."""
+    from herd.train.loss import chunked_cross_entropy, lm_head
+
+    model, hf = models
+    rows = SFTRows(data.train, 128, packing=True)
+    batch = collate(rows, list(range(len(rows))), length=128)
+    with torch.no_grad():
+        total = model(batch.inputs, **attention_kwargs(batch.document_ids),
+                      head=lm_head(chunked_cross_entropy, batch.targets, batch.loss_mask, chunk=64))
+        want = _transformers_loss(hf, data, list(range(len(data.train))))
+    torch.testing.assert_close(total / batch.n_loss_tokens, want, atol=1e-5, rtol=1e-5)
+
+
 def test_rows_carry_mask_document_ids_and_padding(data, tok):
     rows = SFTRows(data.train, 128, packing=True)
     r = max(range(len(rows)), key=lambda r: len(rows.examples(r)))
