@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
     "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
+    "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
 }
 
 

@@ -235,7 +235,7 @@ def test_score_cli_one_line_errors(tmp_path, rm_dir, capsys):
 
 
 def test_score_and_average_help(capsys):
-    for cmd in ("score",):
+    for cmd in ("score", "average"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

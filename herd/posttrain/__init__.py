@@ -13,6 +13,8 @@
 - losses.py   Bradley-Terry, DPO (sigmoid / ipo, label smoothing, length norm, Llama 3 mask), NLL term
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
+- average.py  weighted averages of checkpoints, reward models and LoRA adapters
+- cli.py      `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
 
 Names are imported lazily, so `import herd.posttrain` stays cheap.
 """
@@ -84,6 +86,7 @@ _EXPORTS = {
     "save_reward_model": "herd.posttrain.reward",
     "load_reward_model": "herd.posttrain.reward",
     "load_reward_scorer": "herd.posttrain.reward",
+    "average_checkpoints": "herd.posttrain.average",
 }
 
 __all__ = list(_EXPORTS)
