@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from herd.errors import HerdError
+from herd.fileio import atomic_path, atomic_write
 
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
@@ -158,10 +159,9 @@ def plot_score_histogram(scores_or_counts: list[float] | list[int], path: str | 
     ax.set_ylabel("documents")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _fmt(n: float) -> str:
@@ -227,9 +227,7 @@ def write_report(pipeline_dir: str | Path, report_dir: str | Path, n_examples: i
         stages.append(stage)
     report = dict(pipeline_dir=str(pipeline_dir), stages=stages, examples=_examples(pipeline_dir, n_examples))
     for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False)), ("report.md", _markdown(report))):
-        tmp = report_dir / f"{name}.tmp{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, report_dir / name)
+        atomic_write(report_dir / name, text)
     return report
 
 
