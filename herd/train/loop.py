@@ -84,6 +84,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     if resume_from is not None:
         state = ckpt.load_train_state(resume_from, model, optimizer)
         start_step, total = int(state["step"]), int(state["total_steps"])
+        if cfg.steps != state.get("config", {}).get("steps", cfg.steps):  # --steps overridden on resume
+            total = cfg.steps
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state.get("guard", {}))
     # Log lines past the step we start from belong to a crashed attempt (after its last
