@@ -64,17 +64,30 @@ def _load(ns: argparse.Namespace):
 
 def _sampling(ns: argparse.Namespace, tokenizer) -> SamplingParams:
     params = dataclass_from_args(SamplingParams, ns)
+    bad = [t for t in params.stop_tokens if not 0 <= t < tokenizer.n_words]
+    if bad:
+        raise HerdError(f"--stop-tokens {','.join(map(str, bad))} are not token ids of this tokenizer "
+                        f"(0..{tokenizer.n_words - 1}); pass ids from `herd tokenizer encode`.")
     params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens))
     return params
 
 
 def _context(ns: argparse.Namespace, model, need: int) -> int:
-    """KV cache length: --max-seq-len, else `need` capped at the model's context."""
+    """KV cache length: --max-seq-len (at most the model's context), else `need` capped at the context.
+
+    The cache is allocated whole up front, so a length beyond what the model was trained for would
+    cost memory for positions it cannot use well (100000 slots of a 512-context model: ~20 GB).
+    """
+    limit = model.args.max_seq_len
     if ns.max_seq_len is not None:
         if ns.max_seq_len < 2:
             raise HerdError(f"--max-seq-len must be at least 2, got {ns.max_seq_len}.")
+        if ns.max_seq_len > limit:
+            print(f"herd: note: --max-seq-len {ns.max_seq_len} is longer than the model's context of {limit} "
+                  f"tokens; using {limit}.", file=sys.stderr)
+            return limit
         return ns.max_seq_len
-    return min(need, model.args.max_seq_len)
+    return min(need, limit)
 
 
 def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tokenizer, out) -> tuple[list[int], float]:
