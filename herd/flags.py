@@ -96,7 +96,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         tp, _ = _base_type(hints[f.name])
         default = field_default(f)
         shown = "''" if default == "" else default
-        help_text = (docs.get(f.name, "") + f" (default: {shown})").strip()
+        doc = docs.get(f.name, "")
+        # the default once: not when the docstring already says it, and not for an unset (None) one
+        said = "default:" in doc.lower() or default is None
+        help_text = (doc if said else doc + f" (default: {shown})").strip()
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             add_bool_flag(target, flag, help_text)

@@ -19,6 +19,7 @@ from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
+from herd.threads import add_threads_flag, apply_threads
 
 _DTYPES = ["fp32", "bf16", "fp16"]
 
@@ -32,6 +33,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_bool_flag(parser, "--compile", default=False, help="torch.compile the decode step (slow start, faster steps)")
+    add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
     add_dataclass_args(parser, SamplingParams, skip=("logprobs",), group="sampling")
@@ -55,6 +57,7 @@ def _load(ns: argparse.Namespace):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError):
         raise HerdError(f"device '{device}' is not available here; use --device cpu.") from None
+    apply_threads(ns.threads, device)
     model = load_checkpoint(ns.checkpoint, device=device, dtype=ns.dtype)
     if tokenizer.n_words > model.args.vocab_size:
         raise HerdError(f"the tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}; "

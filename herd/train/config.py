@@ -84,7 +84,7 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, or auto (the GPU when there is one)."""
     threads: int = 0
-    """CPU threads for torch ops; 0 = torch's default (all cores)."""
+    """CPU threads for torch ops; 0 = pick the fastest count for the machine's current load (herd.threads)."""
     log_every: int = 10
     """Console progress line every N steps (log.jsonl and TensorBoard get every step)."""
     eval_every: int = 50

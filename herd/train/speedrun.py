@@ -50,6 +50,8 @@ class SpeedrunConfig:
     """Megabytes of local text to gather; 0 = 4 on CPU, 20 on a GPU."""
     seed: int = 0
     """Seed of the data order and the weight init."""
+    threads: int = 0
+    """CPU threads for torch ops; 0 = pick the fastest count for the machine's current load (herd.threads)."""
 
 
 def add_speedrun_args(parser: argparse.ArgumentParser) -> None:
@@ -159,9 +161,9 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
             lr=5e-3 if preset == "herd-1m" else 2e-3, warmup_steps=10, eval_every=50, eval_batches=4,
             checkpoint_every=50, keep_checkpoints=2, log_every=10, sample_tokens=48, sample_prompt="def ")
         if not gpu:
-            from herd.train.metrics import pick_cpu_threads
+            from herd.threads import apply_threads
 
-            train_cfg.threads = pick_cpu_threads()
+            train_cfg.threads = apply_threads(cfg.threads)
         what = f"{cfg.steps} steps" if cfg.steps else f"~{minutes:g} minutes"
         _say("5/5 pretrain", f"{preset} for {what} (batch {train_cfg.batch_size} x {train_cfg.seq_len} tokens"
                              + (f", {train_cfg.threads} CPU thread(s))" if not gpu else ")"))
