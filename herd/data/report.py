@@ -212,8 +212,11 @@ def write_report(pipeline_dir: str | Path, report_dir: str | Path, n_examples: i
         raise HerdError(f"pipeline directory {pipeline_dir} does not exist; pass the folder the pipeline wrote.")
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    log_dirs = sorted({p.parent for p in pipeline_dir.rglob("stats.json")}
-                      | {p.parent for p in pipeline_dir.rglob("stats") if p.is_dir() and any(p.glob("*.json"))})
+    # an earlier report inside pipeline_dir holds copies of the stages: never list them twice
+    skip = report_dir.resolve() if report_dir.resolve() not in [pipeline_dir.resolve(), *pipeline_dir.resolve().parents] else None
+    log_dirs = sorted(d for d in ({p.parent for p in pipeline_dir.rglob("stats.json")}
+                                  | {p.parent for p in pipeline_dir.rglob("stats") if p.is_dir() and any(p.glob("*.json"))})
+                      if skip is None or skip not in d.resolve().parents)
     stages = []
     for log_dir in log_dirs:
         steps = [_summarize_step(s) for s in _load_stage(log_dir)]
@@ -239,6 +242,16 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     out = args.output or os.path.join(args.pipeline_dir, "report")
+    stages_file = Path(args.pipeline_dir) / "work" / "stages.json"
+    if stages_file.is_file():
+        # a `herd data run` folder: its last run's stages, in pipeline order (work/ may hold stages
+        # of runs with other options, and report/stages holds copies of them)
+        from herd.data.pipeline import write_pipeline_report
+
+        stages = [(name, Path(folder)) for name, folder in json.loads(stages_file.read_text())]
+        path = write_pipeline_report(Path(args.pipeline_dir), stages, args.examples, Path(out))
+        print(f"wrote {path} and report.json ({len(stages)} stages)")
+        return 0
     report = write_report(args.pipeline_dir, out, args.examples)
     print(f"wrote {out}/report.md and report.json ({len(report['stages'])} stages)")
     return 0

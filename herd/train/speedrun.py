@@ -52,6 +52,8 @@ class SpeedrunConfig:
     """Seed of the data order and the weight init."""
     threads: int = 0
     """CPU threads for torch ops; 0 = pick the fastest count for the machine's current load (herd.threads)."""
+    verbose: bool = False
+    """Show datatrove's own log lines on the console (otherwise they go to OUT/data/work/datatrove.log)."""
 
 
 def add_speedrun_args(parser: argparse.ArgumentParser) -> None:
@@ -81,17 +83,6 @@ def unigram_entropy(data_dir: str | os.PathLike, split: str = "train") -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _quiet_datatrove() -> None:
-    """datatrove logs every task at INFO; the speedrun prints its own stage lines instead."""
-    try:
-        from loguru import logger
-
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except ImportError:  # pragma: no cover - datatrove always brings loguru
-        pass
-
-
 def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     """Run (or finish) every stage; returns the summary also written to OUT/speedrun.json."""
     try:
@@ -111,7 +102,6 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    _quiet_datatrove()
 
     corpus = out / "corpus"
     marker = corpus / "corpus.json"
@@ -126,7 +116,8 @@ def speedrun(cfg: SpeedrunConfig) -> dict[str, Any]:
     _say("1/5 corpus", f"{n_bytes / 1e6:.1f} MB of jsonl")
 
     data = out / "data"
-    data_cfg = DataConfig(tasks=2, workers=min(2, os.cpu_count() or 1), val_fraction=0.05, seed=cfg.seed)
+    data_cfg = DataConfig(tasks=2, workers=min(2, os.cpu_count() or 1), val_fraction=0.05, seed=cfg.seed,
+                          verbose=cfg.verbose)
     tokenizer_path = out / "tokenizer.model"
     if tokenizer_path.is_file():
         _say("2/5 clean", "reusing the clean text (tokenizer already trained)")
