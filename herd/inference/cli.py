@@ -71,7 +71,9 @@ def _sampling(ns: argparse.Namespace, tokenizer) -> SamplingParams:
     if bad:
         raise HerdError(f"--stop-tokens {','.join(map(str, bad))} are not token ids of this tokenizer "
                         f"(0..{tokenizer.n_words - 1}); pass ids from `herd tokenizer encode`.")
-    params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens))
+    # <|begin_of_text|> never belongs inside generated text: a base model emits it only to start a
+    # new document (after the one it was writing ended), so it ends the reply like the stop tokens
+    params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens) | {tokenizer.bos_id})
     return params
 
 

@@ -97,6 +97,8 @@ class TrainConfig:
     """Tokens generated per sample."""
     sample_prompt: str = "def "
     """Prompt of the sample generations."""
+    sample_temperature: float = 0.0
+    """Temperature of the samples (top-p 0.95, seeded by --seed); 0 = greedy. Samples end at any special token."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 3

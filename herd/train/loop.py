@@ -281,19 +281,23 @@ def _fit_time_budget(cfg: TrainConfig, total: int, step: int, start_step: int, s
 @torch.no_grad()
 def _sample(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, args: ModelArgs, device: torch.device,
             log: MetricsLogger, step: int) -> str:
-    """Greedy continuation of cfg.sample_prompt.
+    """Continuation of cfg.sample_prompt (greedy, or sampled at cfg.sample_temperature).
 
     One process: herd's inference Engine (KV cache). Sharded models: a plain full-forward loop
     that every rank runs in lock step (each forward needs all of them).
     """
     prompt = tokenizer.encode(cfg.sample_prompt, bos=True)[-(args.max_seq_len - cfg.sample_tokens):]
-    stop = [t for t in (getattr(tokenizer, "eos_id", None),) if t is not None]
+    # a base model learned <|end_of_text|><|begin_of_text|> between packed documents: any special
+    # token ends the sample (none is ever printed as text)
+    specials = getattr(tokenizer, "special_tokens", None)
+    stop = sorted(specials.values()) if specials else [t for t in (getattr(tokenizer, "eos_id", None),) if t is not None]
     if not torch.distributed.is_initialized():
         from herd.inference.engine import Engine
         from herd.inference.sampling import SamplingParams
 
         engine = Engine(ckpt.unwrap(model), max_batch_size=1, max_seq_len=len(prompt) + cfg.sample_tokens)
-        result = engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens,
+        result = engine.generate([prompt], SamplingParams(temperature=cfg.sample_temperature, top_p=0.95,
+                                                          seed=cfg.seed, max_new_tokens=cfg.sample_tokens,
                                                           stop_tokens=stop))[0]
         new = list(result.tokens)
         del engine
