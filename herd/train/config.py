@@ -26,7 +26,7 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT/checkpoints (a fresh start if there is none)."""
     tokenizer: str = ""
-    """tokenizer.model for samples and the export; default: the one named in the shard manifest (must match the shards)."""
+    """tokenizer.model for samples and the export; default: the copy beside the shards, else the manifest's path (checked by sha256)."""
     seed: int = 0
     """Seed of the weight init and the data order (same seed + data = same run)."""
     steps: int = 200
