@@ -1,6 +1,6 @@
 """Checkpoints against references no one here wrote: transformers' LlamaForCausalLM reads what herd
 writes (and herd reads what save_pretrained writes) with the same logits; Meta shards built by hand
-from SPEC.md's split rules load; round trips are bit-exact; bad input gives one clear HerdError.
+from Meta's model-parallel split rules load; round trips are bit-exact; bad input gives one clear HerdError.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_round_trips_are_bit_exact(tmp_path, chain):
 
 
 def test_meta_shards_built_by_hand_load_and_match(tmp_path):
-    """Meta's layout from SPEC.md section 5, written here without herd's writer: 2 shards, output.weight
+    """Meta's layout (ColumnParallelLinear / RowParallelLinear splits), written here without herd's writer: 2 shards, output.weight
     present for a tied model, params.json with Meta's fields only (so tie and factor 32 are inferred)."""
     model = _model(use_scaled_rope=True, rope_scale_factor=32.0, tie_embeddings=True)
     sd = dict(model.state_dict())

@@ -104,8 +104,7 @@ def test_cpu_mfu_never_exceeds_100_percent(monkeypatch, tmp_path):
     from herd.train import metrics
     from herd.train.loop import pretrain
     from herd.train.metrics import read_log
-    from test_train import make_shards
-    from test_train_loop import config
+    from helpers import config, make_shards
 
     monkeypatch.setattr(metrics, "measure_cpu_peak_flops", lambda: 1e6)  # far below any real rate
     out = tmp_path / "run"

@@ -195,7 +195,7 @@ def test_special_tokens_and_known_ids(tok, official_tokenizer_json):
     added = {t["id"]: t["content"] for t in json.loads(official_tokenizer_json.read_text())["added_tokens"]}
     for name in FUNCTIONAL_SPECIALS:
         assert added[tok.special_tokens[name]] == name
-    # Llama 3.1 names (SPEC.md): 128005 is reserved_special_token_2, reserved tokens run 3..247
+    # Llama 3.1 names (meta-llama/llama-models, llama3/tokenizer.py): 128005 is reserved_special_token_2, reserved tokens run 3..247
     assert tok.special_tokens["<|reserved_special_token_2|>"] == 128005
     assert tok.special_tokens["<|reserved_special_token_3|>"] == 128011
     assert tok.special_tokens["<|reserved_special_token_247|>"] == 128255

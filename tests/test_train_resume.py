@@ -13,8 +13,7 @@ from herd.cli import main
 from herd.train import state as ckpt
 from herd.train.loop import pretrain
 from herd.train.metrics import read_log
-from test_train import make_shards
-from test_train_loop import config
+from helpers import config, make_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

@@ -1,6 +1,6 @@
 """Hugging Face format: config.json (LlamaForCausalLM) + model.safetensors (or shards + index).
 
-Two differences from herd's own layout (SPEC.md section 2 and 5):
+Two differences from herd's own layout (transformers' convert_llama_weights_to_hf.py):
 - names: model.layers.N.self_attn.q_proj <-> layers.N.attention.wq, and so on (_LAYER_NAMES);
 - RoPE convention: Hugging Face rotates halves of each head, Meta adjacent pairs, so the rows of
   wq and wk are permuted within each head (n_kv_heads heads for wk). wv and wo are not.
@@ -92,6 +92,11 @@ def _ffn_args(cfg: dict, dim: int) -> tuple[int, float | None]:
 
 def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     """ModelArgs from a Hugging Face LlamaForCausalLM config (rope settings under rope_scaling or rope_parameters)."""
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type != "llama":
+        arch = ", ".join(cfg.get("architectures") or []) or model_type
+        raise HerdError(f"{source} describes a '{model_type}' model ({arch}), not Llama; herd loads Llama "
+                        "checkpoints (model_type 'llama') only.")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}

@@ -310,14 +310,6 @@ class ShardDataset:
         tokens, doc_ids = self.window(int(self._starts[shard]) + j * seq_len, seq_len + 1)
         return tokens[:-1], tokens[1:], doc_ids[:-1]
 
-    def document(self, k: int) -> np.ndarray:
-        """Token ids of the k-th document of the split, with its bos and eos (int64)."""
-        for tokens, offsets in zip(self._tokens, self._offsets):
-            if k < offsets.size - 1:
-                return np.asarray(tokens[int(offsets[k]):int(offsets[k + 1])], dtype=np.int64)
-            k -= offsets.size - 1
-        raise HerdError(f"document index out of range: the split has {self.n_documents} documents.")
-
     def documents(self) -> Iterator[np.ndarray]:
         """Every document in order (token ids with bos and eos)."""
         for tokens, offsets in zip(self._tokens, self._offsets):

@@ -13,12 +13,36 @@ from typing import Any
 from herd.errors import HerdError
 
 
+DEFAULT_PRESET = "herd-1m"
+# ModelArgs fields a run may override on top of its preset or --init-from checkpoint: the context
+# length and the RoPE frequencies (Llama 3.1-style long-context extension). Shape fields are not
+# offered: a loaded model's weights fix them.
+MODEL_OVERRIDES = ("max_seq_len", "rope_theta", "use_scaled_rope", "rope_scale_factor", "rope_low_freq_factor",
+                   "rope_high_freq_factor", "rope_original_max_seq_len")
+
+
 @dataclass
 class TrainConfig:
     """Pre-training settings. Steps count optimizer updates; batch sizes count sequences."""
 
-    preset: str = "herd-1m"
-    """Model preset (herd.configs.PRESETS) to train from scratch."""
+    preset: str = ""
+    """Model preset (herd.configs.PRESETS) to train from scratch; herd-1m when neither it nor --init-from is given."""
+    init_from: str = ""
+    """Start from the weights of this checkpoint (herd, Hugging Face or Meta folder) instead of a random init."""
+    max_seq_len: int | None = None
+    """Override the model's context length (e.g. long-context extension of a loaded model)."""
+    rope_theta: float | None = None
+    """Override the RoPE base frequency."""
+    use_scaled_rope: bool | None = None
+    """Override whether Llama 3.1 RoPE frequency scaling is applied."""
+    rope_scale_factor: float | None = None
+    """Override the Llama 3.1 RoPE scaling factor."""
+    rope_low_freq_factor: float | None = None
+    """Override the Llama 3.1 RoPE scaling low_freq_factor."""
+    rope_high_freq_factor: float | None = None
+    """Override the Llama 3.1 RoPE scaling high_freq_factor."""
+    rope_original_max_seq_len: int | None = None
+    """Override the Llama 3.1 RoPE scaling original context length."""
     data: str = ""
     """Shard directory written by the data pipeline (holds manifest.json, train/ and val/)."""
     out: str = "runs/pretrain"
@@ -121,10 +145,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def model_overrides(self) -> dict[str, Any]:
+        """The ModelArgs fields this run overrides (those set, not None)."""
+        return {k: getattr(self, k) for k in MODEL_OVERRIDES if getattr(self, k) is not None}
+
+    def model_name(self) -> str:
+        """What is trained, for log lines: the preset, or the checkpoint it starts from."""
+        return self.init_from or self.preset or DEFAULT_PRESET
+
     def validate(self) -> None:
         """HerdError for settings that cannot work, before anything is built or written."""
         if not self.data:
             raise HerdError("no training data given; pass --data DIR (a shard directory from `herd data run`).")
+        if self.preset and self.init_from:
+            raise HerdError(f"--preset {self.preset} and --init-from {self.init_from} both choose the model; pass "
+                            "one (--init-from takes the architecture from the checkpoint).")
         if self.steps < 1:
             raise HerdError(f"--steps {self.steps} must be at least 1.")
         if self.batch_size < 1 or self.micro_batch_size < 0 or self.seq_len < 1:
@@ -191,6 +226,8 @@ def resumed_config(saved: dict[str, Any], explicit: dict[str, Any], step: int,
     for key, value in explicit.items():
         if key in _RUN_IDENTITY or key not in base or base[key] == value:
             continue
+        if key == "preset" and (base[key] or (None if base.get("init_from") else DEFAULT_PRESET)) == value:
+            continue  # the preset the saved run used by default, now named
         flag = "--" + key.replace("_", "-")
         if key in FIXED_ON_RESUME:
             raise HerdError(f"{where} was trained with {flag} {base[key]} and cannot continue with {value} "

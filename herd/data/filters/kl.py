@@ -1,7 +1,7 @@
 """Token-distribution KL divergence of each document against the corpus, and the filter on it.
 
-Llama 3 drops documents whose token distribution is an outlier against the corpus (SPEC.md
-section 8: "token-distribution KL divergence"). herd computes, in nats,
+Llama 3 drops documents whose token distribution is an outlier against the corpus ("The Llama 3
+Herd of Models", section 3.1.1: "token-distribution Kullback-Leibler divergence"). herd computes, in nats,
 
     KL(doc || corpus) = sum over tokens t in the doc of p(t) * ln(p(t) / q(t))
 
@@ -24,7 +24,6 @@ JSON, written atomically.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import re
@@ -116,10 +115,6 @@ class TokenDistribution:
         lo = int(pos)
         hi = min(lo + 1, len(self.kl_quantiles) - 1)
         return self.kl_quantiles[lo] + (pos - lo) * (self.kl_quantiles[hi] - self.kl_quantiles[lo])
-
-    def percentile_of(self, kl: float) -> float:
-        """Percentile (0..100) of a KL value within the fitted sample."""
-        return 100.0 * bisect.bisect_right(self.kl_quantiles, kl) / max(1, len(self.kl_quantiles))
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""

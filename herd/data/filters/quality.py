@@ -1,7 +1,7 @@
 """Model-based quality and domain classifiers: train a fastText model, score documents with it, filter.
 
 Llama 3 kept documents a fastText classifier judged "would be referenced by Wikipedia", and
-labeled code and reasoning documents with domain classifiers (SPEC.md section 8). herd trains
+labeled code and reasoning documents with domain classifiers ("The Llama 3 Herd of Models", section 3.1.1). herd trains
 both kinds with the same function from labeled examples (text, label):
 
 - quality: two labels, e.g. "hq" (reference-quality text) vs "lq" (random web text).
