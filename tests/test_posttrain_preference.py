@@ -226,3 +226,31 @@ def test_nothing_usable_is_one_line(tmp_path, tok):
     assert "unknown_format" in msg and "identical_responses" in msg and "'chosen', 'rejected'" in msg
     with pytest.raises(HerdError, match="--overlong"):
         build_preference_data(PreferenceDataConfig(data=[str(path)], overlong="wrap"), tok, False)
+
+
+def test_batch_loader_is_deterministic_resumable_and_split_over_ranks(tmp_path, tok):
+    from herd.posttrain import PreferenceBatchLoader
+    from herd.posttrain.pairs import eval_batches
+
+    recs = [{"id": i, "prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
+    d = build_preference_data(PreferenceDataConfig(data=[str(_write(tmp_path / "p.jsonl", recs))], val_fraction=0),
+                              tok, False).train
+    a = PreferenceBatchLoader(d, seed=4)
+    seen = [a.global_indices(4) for _ in range(5)]  # 20 = two epochs of 10
+    assert sorted(seen[0] + seen[1] + seen[2][:2]) == list(range(10)) and a.epoch == 2 and a.cursor == 0
+    b = PreferenceBatchLoader(d, seed=4)
+    b.global_indices(4)
+    state = b.state_dict()
+    c = PreferenceBatchLoader(d, seed=4)
+    c.load_state_dict(state)
+    assert [c.global_indices(4) for _ in range(4)] == seen[1:]
+    with pytest.raises(HerdError):
+        PreferenceBatchLoader(d, seed=5).load_state_dict(state)
+    ranks = [PreferenceBatchLoader(d, seed=4, dp_rank=r, dp_size=2, layout="shared") for r in range(2)]
+    parts = [r.next_batch(4) for r in ranks]
+    assert sorted(parts[0].example.tolist() + parts[1].example.tolist()) == sorted(2 * seen[0])  # 2 responses each
+    assert all(p.n_pairs == 2 and p.mask is not None for p in parts)
+    with pytest.raises(HerdError, match="divisible"):
+        ranks[0].next_batch(3)
+    batches = eval_batches(d, 4)
+    assert [b.n_pairs for b in batches] == [4, 4, 2]

@@ -261,13 +261,17 @@ class RewardScorer:
         return self.chat.encode_dialog_prompt(messages, add_generation_prompt=False, tools=tools)
 
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float | None]:
-        """Rewards of token sequences; None for an empty one or one longer than max_seq_len."""
-        ok = [i for i, s in enumerate(sequences) if 0 < len(s) <= self.max_seq_len]
-        scores = score_sequences(self.model, [sequences[i] for i in ok], self.batch_size, self.pad_id)
-        out: list[float | None] = [None] * len(sequences)
-        for i, s in zip(ok, scores):
-            out[i] = s
-        return out
+        """Rewards of token sequences; None for an empty one or one longer than max_seq_len.
+
+        Each distinct sequence is scored once, so equal sequences get exactly equal rewards (in
+        different batch rows the float sums could differ in the last bits).
+        """
+        unique: dict[tuple[int, ...], int] = {}
+        for s in sequences:
+            if 0 < len(s) <= self.max_seq_len:
+                unique.setdefault(tuple(s), len(unique))
+        scores = score_sequences(self.model, list(unique), self.batch_size, self.pad_id)
+        return [scores[unique[tuple(s)]] if tuple(s) in unique else None for s in sequences]
 
     def score_conversations(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list[float | None]:
         """Rewards of conversations (lists of messages); None for one too long for the model."""

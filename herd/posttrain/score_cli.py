@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, TextIO
 from tqdm import tqdm
 
 from herd.errors import HerdError
+from herd.threads import add_threads_flag
 
 _DTYPES = ["fp32", "bf16", "fp16"]
 CHUNK = 512
@@ -44,6 +45,7 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
                         help="string prompt/completion: a user turn and an assistant reply (chat) or raw text")
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="compute dtype (default: the reward model's)")
     parser.add_argument("--device", default="cpu", help="torch device")
+    add_threads_flag(parser)
 
 
 def _json_lines(lines: Iterable[bytes | str], name: str) -> Iterator[tuple[str, Any]]:
@@ -167,13 +169,21 @@ class _Scoring:
 
 
 def run_score(ns: argparse.Namespace) -> int:
+    import torch
+
     from herd import fileio
     from herd.posttrain.reward import load_reward_scorer
+    from herd.threads import apply_threads
 
     if ns.batch_size < 1:
         raise HerdError(f"--batch-size must be at least 1, got {ns.batch_size}.")
     if not ns.reward_model.exists():
         raise HerdError(f"reward model {ns.reward_model} does not exist; pass the folder `herd reward` wrote.")
+    try:
+        torch.empty(0, device=ns.device)
+    except (RuntimeError, AssertionError):
+        raise HerdError(f"device '{ns.device}' is not available here; use --device cpu.") from None
+    apply_threads(ns.threads, ns.device)
     scorer = load_reward_scorer(ns.reward_model, ns.tokenizer, ns.dtype, ns.device, ns.batch_size)
     scoring = _Scoring(scorer, ns.text_pairs)
     sink = fileio.atomic_open(ns.output, "w") if ns.output is not None else nullcontext(sys.stdout)
