@@ -6,9 +6,9 @@ one-line errors, a tokenizer that is not the reward model's refused)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -134,7 +134,16 @@ def test_scorer_is_compare_judge_function(rm, tok):
         scorer(["a"], ["b", "c"])
 
 
-def test_bradley_terry_training_learns_a_preference(tmp_path, tok):
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a loaded 2-core machine run faster on one thread than waiting on two (herd.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bradley_terry_training_learns_a_preference(tmp_path, tok, one_thread):
     """A reward model trained with herd's shared training step on pairs where the reply with a positive
     word wins (words drawn at random, so an untrained model is near chance) ranks held-out pairs correctly."""
     rnd = random.Random(0)
@@ -151,7 +160,8 @@ def test_bradley_terry_training_learns_a_preference(tmp_path, tok):
     body = Transformer(ARGS)
     body.init_weights()
     model = RewardModel.from_transformer(body).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.tok_embeddings.weight.requires_grad_(False)  # 128K x 32 dense gradients would dominate the test's time
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     val = collate_preferences(data.val, list(range(len(data.val))), "shared", tok.pad_id)
 
     def loss_fn(batch):
@@ -183,7 +193,7 @@ def _lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def test_score_cli_files_stdin_and_errors(tmp_path, rm, rm_dir, tok, capsys):
+def test_score_cli_files_stdin_and_errors(tmp_path, rm, rm_dir, tok, capsys, monkeypatch):
     records = [{"id": "a", "messages": CONVS[0]}, "this is not json",
                {"prompt": "What is 2+2?", "completion": "4"},
                {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "4", "rejected": "5"},
@@ -207,10 +217,8 @@ def test_score_cli_files_stdin_and_errors(tmp_path, rm, rm_dir, tok, capsys):
     assert "scored 2 conversations" in err and "1 preference records" in err and "1 malformed_json" in err
 
     # stdin and --output (written whole)
-    result = subprocess.run([sys.executable, "-m", "herd", "score", "--reward-model", str(rm_dir), "-",
-                             "--output", str(tmp_path / "out.jsonl")],
-                            input=json.dumps({"messages": CONVS[2]}) + "\n", capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"messages": CONVS[2]}) + "\n"))
+    assert main(["score", "--reward-model", str(rm_dir), "-", "--output", str(tmp_path / "out.jsonl")]) == 0
     (line,) = _lines((tmp_path / "out.jsonl").read_text())
     assert line["reward"] == pytest.approx(scorer.score_conversations([CONVS[2]])[0], abs=1e-5)
 
