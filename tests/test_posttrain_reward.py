@@ -198,7 +198,8 @@ def test_score_cli_files_stdin_and_errors(tmp_path, rm, rm_dir, tok, capsys, mon
                {"prompt": "What is 2+2?", "completion": "4"},
                {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "4", "rejected": "5"},
                {"messages": [{"role": "robot", "content": "beep"}]},
-               {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}]
+               {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]},
+               {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "ok"}]}]
     data = tmp_path / "convs.jsonl"
     data.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
     assert main(["score", "--reward-model", str(rm_dir), str(data), "--batch-size", "2"]) == 0
@@ -214,6 +215,7 @@ def test_score_cli_files_stdin_and_errors(tmp_path, rm, rm_dir, tok, capsys, mon
     assert lines[3]["chosen"] == pytest.approx(pair[0], abs=1e-5) and lines[3]["rejected"] == pytest.approx(pair[1], abs=1e-5)
     assert lines[3]["correct"] == (pair[0] > pair[1])
     assert lines[4]["error"].startswith("unknown_role") and lines[5]["error"].startswith("too_long")
+    assert lines[6]["error"].startswith("bad_messages") and lines[6]["where"] == f"{data}:7"
     assert "scored 2 conversations" in err and "1 preference records" in err and "1 malformed_json" in err
 
     # stdin and --output (written whole)

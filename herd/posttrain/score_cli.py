@@ -5,7 +5,7 @@ record, in order:
 
     {"messages": [...]} or {"prompt", "completion"}       -> {"reward": 1.23}
     {"prompt", "chosen", "rejected"(, "edited")}          -> {"chosen": 1.2, "rejected": -0.3, "correct": true}
-    a record that cannot be scored                        -> {"error": "reason: detail"}
+    a record that cannot be scored                        -> {"error": "reason: detail", "where": "file:line"}
 
 with the record's "id" copied when it has one. Conversations are rendered in the reward model's
 own chat style and scored in batches, longest first; a summary (mean reward, preference accuracy
@@ -102,7 +102,7 @@ class _Scoring:
     def sequences(self, record: Any) -> tuple[list[list[int]], list[str] | None]:
         """(token sequences, response names or None for one conversation); RecordError if it cannot be rendered."""
         from herd.posttrain.preference import render_preference, to_preference
-        from herd.posttrain.render import to_conversation
+        from herd.posttrain.render import RecordError, to_conversation
 
         tok = self.scorer.tokenizer
         if isinstance(record, dict) and "chosen" in record and "rejected" in record:
@@ -111,7 +111,10 @@ class _Scoring:
         conv = to_conversation(record, self.text_pairs)
         if conv.text is not None:
             return [[tok.bos_id] + tok.encode(conv.text[0] + conv.text[1]) + [tok.eos_id]], None
-        return [self.scorer.encode(conv.messages, conv.tools)], None
+        try:
+            return [self.scorer.encode(conv.messages, conv.tools)], None
+        except HerdError as e:  # content of the wrong type, malformed tool calls
+            raise RecordError("bad_messages", str(e).rstrip(".")) from None
 
     def lines(self, chunk: list[tuple[str, Any]]) -> list[str]:
         from herd.posttrain.render import RecordError
@@ -120,26 +123,28 @@ class _Scoring:
         flat: list[list[int]] = []
         for where, record in chunk:
             if isinstance(record, Exception):
-                rendered.append(str(record))
+                rendered.append((where, str(record)))
                 continue
             try:
                 seqs, names = self.sequences(record)
             except RecordError as e:
-                rendered.append(f"{e.reason}: {e.detail}")
+                rendered.append((where, f"{e.reason}: {e.detail}"))
                 continue
             too_long = max(len(s) for s in seqs)
             if too_long > self.scorer.max_seq_len:
-                rendered.append(f"too_long: {too_long} tokens, the reward model reads at most {self.scorer.max_seq_len}")
+                rendered.append((where, f"too_long: {too_long} tokens, the reward model reads at most "
+                                        f"{self.scorer.max_seq_len}"))
                 continue
             rendered.append((len(flat), len(seqs), names, record))
             flat.extend(seqs)
         scores = self.scorer.score_ids(flat)
         out = []
         for item in rendered:
-            if isinstance(item, str):
-                reason = item.split(":", 1)[0]
+            if isinstance(item, tuple) and len(item) == 2:  # (where, error)
+                where, error = item
+                reason = error.split(":", 1)[0]
                 self.errors[reason] = self.errors.get(reason, 0) + 1
-                out.append(json.dumps({"error": item}))
+                out.append(json.dumps({"error": error, "where": where}))
                 continue
             start, n, names, record = item
             line: dict[str, Any] = {"id": record["id"]} if "id" in record else {}
