@@ -1,7 +1,7 @@
 """Preference losses as pure functions of per-response rewards or log-probs: Bradley-Terry, DPO, NLL.
 
 Bradley-Terry (reward models). Llama 2 trained its reward model with -log sigma(r_c - r_r - m(r))
-(Touvron et al. 2023, eq. 1); Llama 3 §4.1.2 keeps the objective "except that we remove the margin
+(Touvron et al. 2023, §3.2.2, eq. 2); Llama 3 §4.1.2 keeps the objective "except that we remove the margin
 term in the loss". TRL's RewardTrainer (trl/trainer/reward_trainer.py, compute_loss) adds the
 margin when the data has a "margin" column; so does `bradley_terry_loss` when given one.
 
