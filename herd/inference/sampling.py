@@ -195,14 +195,12 @@ def constrained_token(logits: Tensor, params: SamplingParams, generator: torch.G
                 return tok
         mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
         return int(logits.masked_fill(~mask, float("-inf")).argmax())
-    probs = sampling_probs(logits.unsqueeze(0), params)[0]
-    for _ in range(tries):
-        if not probs.sum() > 0:
-            break
-        tok = int(sample(probs.unsqueeze(0), generator)[0])
+    probs = sampling_probs(logits.unsqueeze(0), params)  # [1, V]
+    # Rejection sampling: the first allowed one of independent draws is a draw from the allowed part
+    # of the distribution. One multinomial call for all tries (each call scans the whole vocabulary).
+    for tok in torch.multinomial(probs, tries, replacement=True, generator=generator)[0].tolist():
         if constraint.allows(tok):
             return tok
-        probs[tok] = 0.0  # rejection: the draw continues from the allowed part of the distribution
     mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
     probs = sampling_probs(logits.masked_fill(~mask, float("-inf")).unsqueeze(0), params)[0]
     return int(sample(probs.unsqueeze(0), generator)[0])
