@@ -7,7 +7,7 @@ found; while streaming, the last len(longest stop) - 1 characters are held back 
 longer start a stop string. Tool calls follow Llama 3.1's JSON format: with `tools`, a reply that
 starts with `{` or `<|python_tag|>` is held back and parsed whole (herd.tokenizer.ChatFormat)
 into `tool_calls`; `tool_choice` "required" constrains the reply to a JSON object, a named tool
-starts the reply with `{"name": "<tool>", "parameters": ` and constrains the rest.
+starts the reply with `{"name": "<tool>", "parameters": {` and constrains the rest to valid JSON.
 """
 
 from __future__ import annotations
@@ -189,10 +189,10 @@ class Service:
     def _check_ids(self, prompt: list[int], param: str) -> None:
         if not prompt:
             raise APIError(400, "The prompt is empty.", param=param)
-        try:
-            self.engine.check_request(prompt, SamplingParams(max_new_tokens=1))
-        except HerdError as e:
-            raise APIError(400, str(e), param=param) from None
+        lo, hi, vocab = min(prompt), max(prompt), self.engine.args.vocab_size
+        if lo < 0 or hi >= vocab:  # the length is checked with max_tokens (_engine_params)
+            raise APIError(400, f"token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                                f"(0..{vocab - 1}).", param=param)
 
     def _admit(self, jobs: int) -> None:
         if self.worker.inflight + jobs > self.engine.max_batch_size + self.max_queue:
@@ -219,7 +219,7 @@ class Service:
         if greq.json_mode or choice == "required":
             constraint = lambda: JsonConstraint(self.json_vocab, self.stop_tokens)  # noqa: E731
         if choice is not None and choice.startswith("function:"):
-            prefix = '{"name": "' + choice.split(":", 1)[1] + '", "parameters": '
+            prefix = '{"name": "' + choice.split(":", 1)[1] + '", "parameters": {'  # the arguments: an object
             prefix_ids = self.tokenizer.encode(prefix)
             constraint = lambda: JsonConstraint(self.json_vocab, self.stop_tokens, START_OBJECT,  # noqa: E731
                                                 prefix=prefix.encode())
