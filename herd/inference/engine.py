@@ -124,6 +124,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_size, prefill_chunk, prefix_cache)
         self._positions = torch.arange(self.max_seq_len, device=self.device)
+        # Ids at and above this are never sampled nor reported (a model whose embedding has more rows
+        # than its tokenizer has tokens: the server sets it to the tokenizer's size).
+        self.vocab_limit = self.args.vocab_size
         self._next_id = 0
         self._seqs: dict[int, Sequence] = {}
         self.compiled = False
@@ -267,7 +270,7 @@ class Engine:
         h = self.model.features(tokens, positions=positions, mask=mask, cache=step)  # [B, S, dim]
         for i, (s, n) in enumerate(rows):
             if s.wants_prompt_logprobs:
-                self._prompt_logprobs(s, self.model.logits(h[i, width - n:]), n)
+                self._prompt_logprobs(s, self.model.logits(h[i, width - n:])[:, :self.vocab_limit], n)
         return self.model.logits(h[:, -1])
 
     def _prompt_logprobs(self, seq: Sequence, logits: Tensor, n: int) -> None:
@@ -288,6 +291,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
         """Choose each row's next token, append it, finish the requests that are done."""
+        logits = logits[:, :self.vocab_limit]
         plist = [s.params for s in seqs]
         adjusted = logits
         if any(p.penalized for p in plist):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from herd.inference.server.generate import Service
-from herd.inference.server.protocol import APIError, error_body, get
+from herd.inference.server.protocol import SSE_DONE, APIError, error_body, get, sse
 
 RequestHook = Callable[[str, dict[str, Any]], Awaitable[None]]
 OPEN_PATHS = frozenset({"/", "/health", "/favicon.ico"})
@@ -96,10 +96,23 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
             raise APIError(400, "The body must be a JSON object.")
         return body
 
+    async def guarded(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Once streaming has begun the status is sent: a failure becomes an error event, then [DONE]."""
+        try:
+            async for part in stream:
+                yield part
+        except APIError as e:
+            yield sse(e.body())
+            yield SSE_DONE
+        except Exception as e:  # never a reset connection: tell the client, keep serving
+            traceback.print_exc()
+            yield sse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"))
+            yield SSE_DONE
+
     async def respond(result: Any) -> Response:
         if isinstance(result, dict):
             return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream",
+        return StreamingResponse(guarded(result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")

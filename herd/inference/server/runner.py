@@ -77,6 +77,7 @@ def build_service(model: Transformer, tokenizer: Tokenizer, cfg: ServerConfig, m
     engine = Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=max_len, compile=cfg.compile,
                     block_size=cfg.block_size, cache_tokens=cache, prefill_chunk=cfg.prefill_chunk,
                     prefix_cache=cfg.prefix_cache)
+    engine.vocab_limit = tokenizer.n_words  # rows past the tokenizer's ids are padding: never sample them
     worker = EngineWorker(engine)
     worker.start()
     return Service(engine, worker, tokenizer, model_name, Limits(max_n=cfg.max_n), max_queue=cfg.max_queue,
