@@ -166,9 +166,9 @@ class Engine:
             self.compiled, self._decode = False, self._decode_step
             return self._decode_step(*args)  # the cache writes of this step are idempotent
 
-    def _decode_step(self, tokens: Tensor, positions: Tensor, mask: Tensor, write: Tensor, read: Tensor) -> Tensor:
-        """One token per row: tokens/positions [B, 1], mask [B, 1, 1, T], slots write [B], read [B, T] -> [B, V]."""
-        step = PagedStep(self.pool, write, read)
+    def _decode_step(self, tokens: Tensor, positions: Tensor, mask: Tensor, write: Tensor, table: Tensor) -> Tensor:
+        """One token per row: tokens/positions [B, 1], mask [B, 1, 1, T], slots write [B], blocks table [B, nb] -> [B, V]."""
+        step = PagedStep(self.pool, write, table, reuse_buffers=not self.compiled)
         return self.model(tokens, positions=positions, mask=mask, cache=step)[:, -1]
 
     # -- requests ------------------------------------------------------------------------------
@@ -257,14 +257,15 @@ class Engine:
         cols = self._positions[:width].unsqueeze(0)  # [1, S]
         real = cols >= pads.unsqueeze(1)  # [B, S] False on left padding
         positions = torch.where(real, starts.unsqueeze(1) + cols - pads.unsqueeze(1), 0)  # padding: position 0
-        t = self._positions[:span]
-        read = table[:, t // bs] * bs + t % bs  # [B, T] slot of every position of every row
-        write = torch.where(real, read.gather(1, positions), SCRATCH_BLOCK * bs)  # [B, S]
-        # Query at position p reads positions 0..p; a padding query (position 0) reads slot read[i, 0] only.
-        mask = (self._positions[:span].view(1, 1, span) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, T]
+        write = table.gather(1, positions // bs) * bs + positions % bs  # [B, S] the slot of every new token
+        write = torch.where(real, write, SCRATCH_BLOCK * bs)
+        # Attention reads whole blocks: position t of a row is column t of the gathered blocks. A query at
+        # position p reads columns 0..p; a padding query (position 0) reads column 0 only.
+        t = self._positions[:n_blocks * bs]
+        mask = (t.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, nb * bs]
         if decode_only:
-            return self._run_decode(tokens, positions, mask, write.view(-1), read)
-        step = PagedStep(self.pool, write.view(-1), read)
+            return self._run_decode(tokens, positions, mask, write.view(-1), table)
+        step = PagedStep(self.pool, write.view(-1), table, reuse_buffers=True)
         if not any(s.wants_prompt_logprobs for s, _ in rows):
             return self.model(tokens, positions=positions, mask=mask, cache=step, last_only=True)[:, -1]
         h = self.model.features(tokens, positions=positions, mask=mask, cache=step)  # [B, S, dim]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,13 +120,18 @@ class JobGroup:
         self.worker.cancel(self.jobs[tag])
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, list[TokenEvent] | None]]:
+        last_check = time.monotonic()
         try:
             while self.open:
                 try:
                     job, item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    job, item = None, None
+                if time.monotonic() - last_check >= 0.5:  # tokens may arrive every few ms: poll by the clock
+                    last_check = time.monotonic()
                     if await self.request.is_disconnected():
                         return
+                if job is None:
                     continue
                 if isinstance(item, Exception):
                     raise APIError(500, str(item), type="server_error")
