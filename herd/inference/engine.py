@@ -123,7 +123,7 @@ class Engine:
         self.pool = KVPool(self.args, num_blocks, block_size, device=self.device, dtype=self.dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_batch_size, prefill_chunk, prefix_cache)
-        self._positions = torch.arange(self.max_seq_len, device=self.device)
+        self._positions = torch.arange(per_seq * block_size, device=self.device)  # a whole number of blocks
         # Ids at and above this are never sampled nor reported (a model whose embedding has more rows
         # than its tokenizer has tokens: the server sets it to the tokenizer's size).
         self.vocab_limit = self.args.vocab_size
