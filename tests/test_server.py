@@ -425,3 +425,25 @@ def test_graceful_shutdown_finishes_in_flight_requests(official_tokenizer_model)
                 if x.startswith("data: {") and json.loads(x[6:])["choices"]]
     assert finishes[-1] == "length"  # it ran to the end
     assert not srv.thread.is_alive() and not app.state.service.worker._thread.is_alive()
+
+
+def test_lm_eval_local_completions_scores_like_the_model(official):
+    """lm-eval's own client (local-completions, with the server's remote tokenizer) against full forwards."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval[api]
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(base_url=official.url + "/v1/completions", model="tiny", tokenizer_backend="remote",
+                             max_length=256, num_concurrent=2, max_retries=1)
+    pairs = [("The capital of France is", " Paris"), ("1, 2, 3,", " 4, 5"), ("Hello", " world!")]
+    got = lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)],
+                           disable_tqdm=True)
+    tok, model = official.tok, official.model
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        a, b = tok.encode(ctx), tok.encode(cont)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([a + b]))[0], -1)
+        rows = range(len(a) - 1, len(a) + len(b) - 1)
+        assert lp == pytest.approx(sum(ref[r, t].item() for r, t in zip(rows, b)), abs=1e-3)
+        assert greedy == all(int(ref[r].argmax()) == t for r, t in zip(rows, b))
