@@ -219,3 +219,9 @@ def test_vocabulary_check_uses_vocab(model):
 
     with pytest.raises(HerdError, match="outside the model's vocabulary"):
         Engine(model).add_request([VOCAB + 3], greedy(2))
+
+
+def test_context_that_is_not_a_whole_number_of_blocks(model):
+    prompt = prompts_of([13], seed=13)[0]
+    engine = Engine(model, max_batch_size=2, block_size=8, max_seq_len=21)  # 3 blocks, 21 usable positions
+    assert engine.generate([prompt], greedy(8))[0].tokens == greedy_reference(model, prompt, 8)

@@ -447,3 +447,20 @@ def test_lm_eval_local_completions_scores_like_the_model(official):
         rows = range(len(a) - 1, len(a) + len(b) - 1)
         assert lp == pytest.approx(sum(ref[r, t].item() for r, t in zip(rows, b)), abs=1e-3)
         assert greedy == all(int(ref[r].argmax()) == t for r, t in zip(rows, b))
+
+
+def test_serve_command_errors_are_one_line(tmp_path, capsys):
+    import socket
+
+    from herd.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("herd: error: checkpoint") and "does not exist" in err
+    with socket.socket() as s:  # a port that is taken: refused before the model loads
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", str(tmp_path), "--port", str(s.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--chat-style", "fancy"]) == 2
+    assert "--chat-style must be" in capsys.readouterr().err
