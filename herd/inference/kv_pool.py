@@ -10,8 +10,10 @@ it may read (PagedStep.update, the hook herd.model's attention calls). Block 0 i
 padding tokens write there and masked reads point there.
 
 Prefix caching: when a block is full, it is published under a chained hash of its tokens and
-every token before it (hash(previous block's hash, its token ids)), so equal hashes mean equal
-prefixes (the token ids are compared too, so a hash collision cannot share the wrong block). A
+every token before it (blake2b of the previous block's digest and its token ids), so equal hashes
+mean equal prefixes. A cryptographic hash, not Python's hash(): a client must not be able to craft
+a prompt whose blocks collide with another client's and so read that client's cached keys and
+values (vLLM moved to SHA-256 for this reason). The block's own token ids are compared too. A
 new request walks its prompt block by block and takes every published block that matches
 (ref-counted: many running requests may share a system prompt's blocks). A released block keeps
 its hash and stays findable until the pool needs it for something else (least recently freed
@@ -20,6 +22,8 @@ first), so the next turn of a chat finds its whole history cached.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -39,12 +43,12 @@ class BlockManager:
             raise ValueError("a KV pool needs at least 2 blocks (block 0 is the scratch block)")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         # Free blocks, least recently freed first: allocation takes from the front, so cached
         # content that was used last survives longest.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
         self.hits = 0  # prefix-cache statistics, in tokens
         self.queries = 0
 
@@ -61,8 +65,9 @@ class BlockManager:
         return 1.0 - len(self.free) / self.usable
 
     @staticmethod
-    def chain_hash(prev: int | None, tokens: Sequence[int]) -> int:
-        return hash((prev, tuple(tokens)))
+    def chain_hash(prev: bytes | None, tokens: Sequence[int]) -> bytes:
+        """128-bit digest of a block's tokens and (through prev, the previous block's digest) all before it."""
+        return hashlib.blake2b((prev or b"") + array("q", tokens).tobytes(), digest_size=16).digest()
 
     def match_prefix(self, tokens: Sequence[int], max_blocks: int) -> list[int]:
         """The published blocks that hold the first full blocks of `tokens` (at most max_blocks), in order."""
@@ -108,7 +113,7 @@ class BlockManager:
             if self.ref[b] == 0:
                 self.free[b] = None
 
-    def publish(self, block: int, prev: int | None, tokens: Sequence[int]) -> int:
+    def publish(self, block: int, prev: bytes | None, tokens: Sequence[int]) -> bytes:
         """Make a full block findable by its chained hash; returns the hash (the next block's `prev`)."""
         chunk = tuple(tokens)
         h = self.chain_hash(prev, chunk)

@@ -39,7 +39,7 @@ class Sequence:
     constraint: TokenConstraint | None = None
     tokens: list[int] = field(default_factory=list)  # prompt + generated (without a final stop token)
     blocks: list[int] = field(default_factory=list)  # block table
-    hashes: list[int] = field(default_factory=list)  # chained hashes of the published full blocks
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of the published full blocks
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached: int = 0  # prompt tokens taken from the prefix cache at (first) admission
     generator: torch.Generator | None = None
