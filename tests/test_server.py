@@ -369,10 +369,12 @@ def test_api_key_and_full_queue(official_tokenizer_model):
             while app.state.service.worker.inflight == 0:
                 threading.Event().wait(0.01)
             busy = httpx.post(srv.url + "/v1/completions", json=body, headers=headers)
+            busy_stream = httpx.post(srv.url + "/v1/completions", json={**body, "stream": True}, headers=headers)
             gate.set()
             assert first.result().status_code == 200
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
         assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert busy_stream.status_code == 429  # refused before the event stream starts
 
 
 def test_a_thousand_mixed_requests_leave_nothing_behind(official):

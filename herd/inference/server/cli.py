@@ -14,6 +14,7 @@ from pathlib import Path
 
 from herd.errors import HerdError
 from herd.flags import add_dataclass_args, dataclass_from_args
+from herd.threads import add_threads_flag
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder (herd, Hugging Face or Meta format)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.model (default: the one stored with the checkpoint)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="LoRA adapter folder (herd's or peft's) to apply on top of the checkpoint, unmerged")
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_flag(parser)
     add_dataclass_args(parser, ServerConfig, group="server")
 
 
@@ -41,7 +45,8 @@ def run_serve(ns: argparse.Namespace) -> int:
     if not 0 <= cfg.port <= 65535:
         raise HerdError(f"--port must be from 0 to 65535, got {cfg.port}.")
     _check_port(cfg.host, cfg.port)
-    load_ns = argparse.Namespace(checkpoint=ns.checkpoint, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device)
+    load_ns = argparse.Namespace(checkpoint=ns.checkpoint, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device,
+                                 adapter=ns.adapter, threads=ns.threads)
     print(f"herd serve: loading {ns.checkpoint} ...", file=sys.stderr)
     model, tokenizer = _load(load_ns)
     name = cfg.served_model_name or ns.checkpoint.resolve().name

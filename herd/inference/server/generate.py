@@ -155,7 +155,8 @@ class Service:
         self.chat = ChatFormat(tokenizer, style=chat_style)
         self._json_vocab: JsonVocab | None = None
         self.created = now()
-        self.stop_tokens = sorted(tokenizer.stop_tokens)
+        # As in `herd generate`: a base model emits <|begin_of_text|> only to start a new document.
+        self.stop_tokens = sorted(set(tokenizer.stop_tokens) | {tokenizer.bos_id})
 
     @property
     def json_vocab(self) -> JsonVocab:
@@ -260,9 +261,9 @@ class Service:
                  for i in range(greq.n)]
         choices = [Choice(i, self.tokenizer, greq.stop, prefix_ids=prefix_ids) for i in range(greq.n)]
         rid, created = new_id("chatcmpl"), now()
+        group = self._group(request, specs)  # before any byte is sent, so a full queue is still a 429
         if greq.stream:
-            return self._chat_stream(request, greq, specs, choices, tool_choice, rid, created, len(prompt))
-        group = self._group(request, specs)
+            return self._chat_stream(group, greq, choices, tool_choice, rid, created, len(prompt))
         async for i, events in group:
             for e in events or []:
                 choices[i].push(e)
@@ -285,7 +286,7 @@ class Service:
         """Prompt tokens once per prompt (as OpenAI counts with n > 1); every generated token of every choice."""
         return usage(prompt_tokens, sum(c.generated for c in choices), sum(c.cached_tokens for c in choices))
 
-    async def _chat_stream(self, request: Request, greq: GenRequest, specs, choices: list[Choice],
+    async def _chat_stream(self, group: JobGroup, greq: GenRequest, choices: list[Choice],
                            tool_choice: str | None, rid: str, created: int, prompt_len: int) -> AsyncIterator[bytes]:
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
@@ -295,7 +296,6 @@ class Service:
         undecided = {c.index for c in choices} if tool_choice is not None else set()
         holding: set[int] = set()
         closed: set[int] = set()
-        group = self._group(request, specs)
         for c in choices:
             yield chunk(c.index, {"role": "assistant", "content": ""})
         async for i, evs in group:
@@ -386,9 +386,9 @@ class Service:
                 specs.append((ids, self._engine_params(greq, ids, j), constraint() if constraint else None))
                 choices.append(Choice(pi * greq.n + j, self.tokenizer, greq.stop, echo_only=greq.max_tokens == 0))
         rid, created = new_id("cmpl"), now()
+        group = self._group(request, specs)  # before any byte is sent, so a full queue is still a 429
         if greq.stream:
-            return self._completion_stream(request, greq, specs, choices, prompts, prompt_texts, rid, created)
-        group = self._group(request, specs)
+            return self._completion_stream(group, greq, choices, prompts, prompt_texts, rid, created)
         async for i, events in group:
             for e in events or []:
                 choices[i].push(e)
@@ -407,7 +407,7 @@ class Service:
                                                sum(c.generated for c in choices),
                                                sum(c.cached_tokens for c in choices))}
 
-    async def _completion_stream(self, request: Request, greq: GenRequest, specs, choices: list[Choice],
+    async def _completion_stream(self, group: JobGroup, greq: GenRequest, choices: list[Choice],
                                  prompts: list[list[int]], prompt_texts: list[str], rid: str,
                                  created: int) -> AsyncIterator[bytes]:
         def chunk(index: int, text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
@@ -416,7 +416,6 @@ class Service:
 
         echoed: set[int] = set()
         closed: set[int] = set()
-        group = self._group(request, specs)
         async for i, evs in group:
             c = choices[i]
             if i in closed:
