@@ -13,6 +13,7 @@ starts the reply with `{"name": "<tool>", "parameters": {` and constrains the re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -188,10 +189,9 @@ class Service:
                                 f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for "
                                 "the completion). Reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
-        p = greq.params
         seed = None if greq.user_seed is None else greq.user_seed + copy  # n samples differ, reproducibly
-        return SamplingParams(**{**p.__dict__, "seed": seed, "max_new_tokens": max(max_tokens, 1),
-                                 "stop_tokens": self.stop_tokens})
+        return dataclasses.replace(greq.params, seed=seed, max_new_tokens=max(max_tokens, 1),
+                                   stop_tokens=self.stop_tokens)
 
     def _check_ids(self, prompt: list[int], param: str) -> None:
         if not prompt:
