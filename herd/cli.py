@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("herd.checkpoint.cli:convert", "convert a checkpoint between herd, Hugging Face and Meta formats"),
     "generate": ("herd.inference.cli:generate", "generate text from a prompt (streams as it goes)"),
     "chat": ("herd.inference.cli:chat", "interactive chat in the Llama 3 chat format"),
+    "serve": ("herd.inference.server.cli:serve", "OpenAI-compatible HTTP server with continuous batching and a chat page"),
     "tokenizer": ("herd.tokenizer.cli:tokenizer", "train, encode, decode and measure tokenizers"),
     "data": ("herd.data.cli:data", "the pre-training data pipeline: filter, dedup, mix, pack"),
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),

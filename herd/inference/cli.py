@@ -38,7 +38,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
-    add_dataclass_args(parser, SamplingParams, skip=("logprobs",), group="sampling")
+    add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs"), group="sampling")
 
 
 def _load(ns: argparse.Namespace):
@@ -102,13 +102,17 @@ def _context(ns: argparse.Namespace, model, need: int) -> int:
     return min(need, limit)
 
 
-def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tokenizer, out) -> tuple[list[int], float]:
-    """Generate one reply, writing its text to `out` as it comes. Returns (ids without the stop token, seconds)."""
+def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tokenizer, out,
+                  stats: dict | None = None) -> tuple[list[int], float]:
+    """Generate one reply, writing its text to `out` as it comes. Returns (ids without the stop token, seconds);
+    `stats` gets the prompt tokens served from the prefix cache ("cached")."""
     decoder = tokenizer.stream_decoder()
     ids: list[int] = []
     start = time.perf_counter()
     for events in engine.stream([prompt], params):
         for e in events:
+            if stats is not None and e.cached_tokens:
+                stats["cached"] = e.cached_tokens
             if e.finish_reason == "stop":
                 continue
             ids.append(e.token)
@@ -224,8 +228,12 @@ def run_chat(ns: argparse.Namespace) -> int:
             print(f"herd: error: that message is longer than the context of {max_len} tokens "
                   f"minus --max-new-tokens {params.max_new_tokens}; send a shorter one.", file=sys.stderr)
             continue
-        ids, _ = _stream_reply(engine, prompt, params, tokenizer, sys.stdout)
+        stats = {"cached": 0}
+        ids, seconds = _stream_reply(engine, prompt, params, tokenizer, sys.stdout, stats)
         sys.stdout.write("\n")
         sys.stdout.flush()
+        # The engine keeps the KV cache of earlier turns: only the new part of the dialog is computed.
+        print(f"[{len(ids)} tokens, {len(ids) / max(seconds, 1e-9):.1f} tokens/s; {stats['cached']} of {len(prompt)} "
+              "prompt tokens from the prefix cache]", file=sys.stderr)
         messages.append({"role": "assistant", "content": tokenizer.decode(ids)})
     return 0
