@@ -353,5 +353,8 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight).float()
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        # Call the module (not F.linear on its weight) so a replaced output layer, e.g. a
+        # quantized one from herd.quant, runs its own kernel.
+        return self.output(h).float()
