@@ -112,9 +112,9 @@ def _engine(ns: argparse.Namespace, model, tokenizer, max_len: int):
             raise HerdError(f"the draft model {ns.draft} comes with another tokenizer than the model; "
                             "speculative decoding needs a draft trained with the same tokenizer.")
     draft = load_checkpoint(ns.draft, device=model.tok_embeddings.weight.device, dtype=ns.dtype)
-    if draft.args.vocab_size != model.args.vocab_size:
-        raise HerdError(f"the draft model has {draft.args.vocab_size} vocabulary rows but the model "
-                        f"{model.args.vocab_size}; speculative decoding needs a draft with the same tokenizer.")
+    if draft.args.vocab_size < tokenizer.n_words:
+        raise HerdError(f"the draft model has {draft.args.vocab_size} vocabulary rows but the tokenizer "
+                        f"{tokenizer.n_words} tokens; speculative decoding needs a draft with the same tokenizer.")
     return SpeculativeDecoder(model, draft, k=ns.draft_tokens, max_seq_len=max_len)
 
 

@@ -96,15 +96,15 @@ class SpeculativeDecoder:
     """Batch-1 generation from `target`, with `draft` proposing `k` tokens per target forward.
 
     Same interface as Engine for one request at a time: check_request, stream, generate.
-    The two models must share the vocabulary (same tokenizer); both run in their own dtype.
+    The two models must share the tokenizer (the caller checks; herd generate compares the files).
+    Their embedding tables may have different numbers of rows (presets pad the vocabulary
+    differently): the draft's distribution is cut or padded with zero probability to the target's
+    rows, which the acceptance rule handles exactly. Both run in their own dtype.
     """
 
     def __init__(self, target: Transformer, draft: Transformer, k: int = 4, max_seq_len: int | None = None):
         if k < 1:
             raise HerdError(f"the number of draft tokens must be at least 1, got {k}.")
-        if draft.args.vocab_size != target.args.vocab_size:
-            raise HerdError(f"the draft model has a vocabulary of {draft.args.vocab_size} rows but the target "
-                            f"{target.args.vocab_size}; the draft must use the target's tokenizer.")
         self.target, self.draft, self.k = target.eval(), draft.eval(), k
         self.args = target.args
         self.max_seq_len = int(max_seq_len or min(target.args.max_seq_len, draft.args.max_seq_len))
@@ -178,6 +178,13 @@ class SpeculativeDecoder:
         mask = self._causal[start:start + n, :start + n].view(1, 1, n, start + n)
         return model(x, positions=pos, mask=mask, cache=cache, cache_pos=pos)[0].float()
 
+    def _fit_vocab(self, logits: Tensor) -> Tensor:
+        """Draft logits [V_draft] -> [V_target]: rows the draft lacks get probability 0."""
+        v = self.args.vocab_size
+        if logits.shape[-1] >= v:
+            return logits[:v]
+        return torch.cat([logits, logits.new_full((v - logits.shape[-1],), float("-inf"))])
+
     def _run(self, index: int, prompt: list[int], params: SamplingParams) -> Iterator[list[TokenEvent]]:
         gen = params.make_generator(self.device)
         greedy = params.greedy
@@ -193,7 +200,7 @@ class SpeculativeDecoder:
                 draft, q_rows = [], []
                 feed, start = seq[d_len:], d_len
                 for i in range(k):
-                    logits = self._forward(self.draft, self.d_cache, feed, start)[-1]  # [V]
+                    logits = self._fit_vocab(self._forward(self.draft, self.d_cache, feed, start)[-1])  # [V]
                     start += len(feed)
                     if greedy:
                         tok = int(logits.argmax())
