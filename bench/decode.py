@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         bound = bw * 1e9 / r.weight_bytes
         results[r.name] = (d, p)
         print(f"{r.name:<22}{d:>14.1f}{f'{min(decode):.0f}..{max(decode):.0f}':>16}{p:>15.0f}"
-              f"{r.weight_bytes / 1e6:>12.0f}{bound:>13.0f}{d / bound if B == 1 else float('nan'):>10.0%}"
+              f"{r.weight_bytes / 1e6:>12.0f}{bound:>13.0f}{f'{d / bound:.0%}' if B == 1 else '-':>10}"
               f"{r.setup_seconds:>9.1f}")
 
     def ratio(a: str, b: str, what: str = "decode") -> None:

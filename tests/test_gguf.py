@@ -191,11 +191,16 @@ def test_llamacpp_tokenizes_like_herd_official_vocab(official_gguf, official):
 
 
 def test_llamacpp_tokenizes_like_herd_trained_vocab(tmp_path, small_tokenizer):
-    model = sharp_model(small_args())
+    """A herd-trained vocabulary in a model with more embedding rows than tokens (as herd's presets
+    have): the extra rows become unused pad tokens, and the vocabulary reads back unchanged."""
+    model = sharp_model(small_args(vocab_size=800))
     path = write_gguf(model, small_tokenizer, tmp_path / "m.gguf", qtype="f16", progress=False)
     with llamacpp(path) as server:
         for text in TEXTS:
             assert server.tokenize(text) == small_tokenizer.encode(text, allowed_special="all"), text
+    back = read_tokenizer(path)
+    assert back.n_words == small_tokenizer.n_words == 768
+    assert all(back.token_bytes(i) == small_tokenizer.token_bytes(i) for i in range(768))
 
 
 def test_chat_template_renders_herd_meta_chat_format(official_gguf, official):

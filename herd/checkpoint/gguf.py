@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ def rope_factors(args: ModelArgs) -> Tensor:
 class _Planned:
     name: str
     shape: tuple[int, ...]
-    ggml_type: "object"  # gguf.GGMLQuantizationType
+    ggml_type: Any  # gguf.GGMLQuantizationType (gguf is imported lazily)
     nbytes: int
     data: Callable[[], np.ndarray]
 
