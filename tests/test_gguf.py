@@ -353,3 +353,39 @@ def test_bad_gguf_files_give_one_line_errors(tmp_path, small_tokenizer):
     with pytest.raises(HerdError, match="unknown GGUF type"):
         write_gguf(model, small_tokenizer, tmp_path / "x.gguf", qtype="q3_k")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_foreign_gguf_llama31_rope_freqs_are_recognized(tmp_path):
+    """A file from llama.cpp's converter (no herd metadata) with Llama 3.1 scaling stored as
+    rope_freqs.weight loads with use_scaled_rope and the factor recovered; other factors are refused."""
+    from herd.checkpoint.gguf import gguf_name, rope_factors
+
+    args = small_args(vocab_size=256, use_scaled_rope=True, rope_scale_factor=32.0, max_seq_len=256)
+    model = sharp_model(args)
+
+    def write(path, factors):
+        w = gguf.GGUFWriter(path, arch="llama")
+        w.add_embedding_length(64)
+        w.add_block_count(2)
+        w.add_feed_forward_length(args.hidden_dim)
+        w.add_head_count(4)
+        w.add_head_count_kv(2)
+        w.add_rope_freq_base(500000.0)
+        w.add_context_length(256)
+        for name, t in model.state_dict().items():
+            w.add_tensor(gguf_name(name), t.numpy())
+        w.add_tensor("rope_freqs.weight", factors.numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(tmp_path / "ok.gguf", rope_factors(args))
+    loaded = load_checkpoint(tmp_path / "ok.gguf")
+    assert loaded.args.use_scaled_rope and loaded.args.rope_scale_factor == 32.0
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    write(tmp_path / "odd.gguf", torch.linspace(1, 3, 8))
+    with pytest.raises(HerdError, match="rope_freqs"):
+        load_checkpoint(tmp_path / "odd.gguf")
