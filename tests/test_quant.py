@@ -69,6 +69,9 @@ def test_int8_linear_kernel_and_fallback_match_dequantized_weight():
         assert rel_err(y, F.linear(x, ref_w)) < 1e-2
     x = torch.randn(2, 5, 64)  # batch and sequence dims
     assert rel_err(layer(x), F.linear(x, ref_w)) < 1e-2
+    big = Int8Linear.from_float(torch.randn(1100, 64))  # prefill dequantizes 512 rows at a time
+    x = torch.randn(3, 20, 64)
+    torch.testing.assert_close(big(x), F.linear(x, big.dequantize()), rtol=1e-5, atol=1e-4)
 
 
 def test_int8_input_gradient_is_the_gradient_through_the_dequantized_weight():

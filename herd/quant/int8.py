@@ -8,8 +8,8 @@ takes bf16 scales) computes with exactly the scale the weights were quantized ag
 Forward on CPU for a few rows (decode): `torch._weight_int8pack_mm(x_bf16, q, scale_bf16)`, PyTorch's
 AVX-512/AVX2 int8 weight-only GEMV (bf16 activations, as gpt-fast and torchchat use it). For many
 rows (prefill) that kernel is slower than a float GEMM, so the weight is dequantized into the
-activation dtype and multiplied with `F.linear`; elsewhere (CUDA, MPS) the same dequantizing path is
-gpt-fast's `F.linear(x, q.to(x.dtype)) * scale`.
+activation dtype, a block of rows at a time, and multiplied with a float GEMM; elsewhere (CUDA,
+MPS) the dequantizing path is gpt-fast's `F.linear(x, q.to(x.dtype)) * scale`.
 
 Backward: the weights are frozen (QLoRA-style fine-tuning trains adapters on top), so only the
 input gets a gradient: grad_x = (grad_y * scale) @ q, the gradient through the dequantized weight.
@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 DECODE_ROWS = 16
 """Up to this many rows the int8 kernel runs; above it (prefill) dequantize + float GEMM is faster."""
+PREFILL_CHUNK = 512
+"""Output rows dequantized at a time on the prefill path."""
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,7 +59,15 @@ def _int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
             scale = scale.to(torch.bfloat16)
         y = torch._weight_int8pack_mm(x.reshape(-1, k).to(torch.bfloat16), q, scale)  # [rows, N], bf16 only is fast
         return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    if x.device.type != "cpu":
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    # Prefill on CPU: dequantize PREFILL_CHUNK output rows at a time into a small buffer that stays in
+    # cache, instead of materializing the whole float weight (4 bytes per weight, page faults and all).
+    x2 = x.reshape(-1, k)
+    out = torch.empty(x2.shape[0], q.shape[0], dtype=x.dtype, device=x.device)  # [rows, N]
+    for start in range(0, q.shape[0], PREFILL_CHUNK):
+        out[:, start:start + PREFILL_CHUNK] = x2 @ q[start:start + PREFILL_CHUNK].to(x.dtype).t()
+    return out.mul_(scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
 
 
 class _Int8Matmul(torch.autograd.Function):
