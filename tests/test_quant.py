@@ -175,6 +175,9 @@ def test_quantized_checkpoint_saves_and_loads_without_requantizing(tmp_path):
         loaded_state = loaded.state_dict()
         for k, v in qmodel.state_dict().items():
             assert torch.equal(loaded_state[k], v), k
+        # the int8 kernel crashes on misaligned data, and memory-mapped tensors can start anywhere
+        assert all(b.data_ptr() % 64 == 0 for n, b in loaded.named_buffers() if not b.is_floating_point()
+                   or n.endswith(("scale", "scales_zeros")))
         x = torch.randint(0, 512, (1, 10))
         with torch.no_grad():
             assert torch.equal(loaded(x), qmodel(x))

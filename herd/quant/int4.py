@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from herd.errors import HerdError
+from herd.quant.int8 import aligned
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -180,6 +181,7 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.cpu_layout = False  # what is loaded is the portable layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scales_zeros = aligned(self.scales_zeros)  # (the weight is re-tiled into new memory)
 
     def _apply(self, fn, recurse=True):
         if self.cpu_layout:  # move / convert the portable form, then re-tile for the destination

@@ -27,6 +27,17 @@ PREFILL_CHUNK = 512
 """Output rows dequantized at a time on the prefill path."""
 
 
+def aligned(t: Tensor, alignment: int = 64) -> Tensor:
+    """`t`, copied if its data does not start on an `alignment`-byte boundary.
+
+    PyTorch's CPU int8/int4 kernels use aligned vector loads and crash on a misaligned pointer;
+    tensors memory-mapped straight out of a safetensors file can start anywhere.
+    """
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % alignment:
+        return t.clone()
+    return t
+
+
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row symmetric int8: float [N, K] -> (q int8 [N, K], scale bfloat16 [N]) with w ~= scale[:, None] * q."""
     w = w.detach().float()
@@ -101,6 +112,10 @@ class Int8Linear(nn.Module):
         layer = cls(in_features, out_features, device="meta")
         layer.weight_int8, layer.scale = quantize_int8(weight)
         return layer.to(weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.weight_int8, self.scale = aligned(self.weight_int8), aligned(self.scale)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight [out, in] this layer computes with."""
