@@ -42,7 +42,7 @@ def main() -> None:
     from herd.checkpoint import hf_config, to_hf_state_dict
     from herd.configs import get_preset
     from herd.model import Transformer
-    from herd.train.loss import linear_cross_entropy, output_weight
+    from herd.train.loss import chunked_cross_entropy
 
     margs = get_preset(args.preset)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def main() -> None:
 
     def herd_step(model) -> float:
         h = model.features(inputs)  # [B, S, dim]
-        loss = linear_cross_entropy(h, output_weight(herd), targets) / n_tokens
+        loss = chunked_cross_entropy(h, herd.output_weight(), targets) / n_tokens
         loss.backward()
         opt_herd.step()
         opt_herd.zero_grad(set_to_none=True)
@@ -82,7 +82,7 @@ def main() -> None:
 
     # Same weights, same batch: the losses before any update must agree (checked on a fresh forward).
     with torch.no_grad():
-        l_herd = float(linear_cross_entropy(herd.features(inputs), output_weight(herd), targets) / n_tokens)
+        l_herd = float(chunked_cross_entropy(herd.features(inputs), herd.output_weight(), targets) / n_tokens)
         logits = hf(input_ids=inputs).logits
         l_hf = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)))
     print(f"{args.preset}: {sum(p.numel() for p in herd.parameters()) / 1e6:.1f}M params, batch {args.batch} x "

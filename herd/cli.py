@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("herd.tokenizer.cli:tokenizer", "train, encode, decode and measure tokenizers"),
     "data": ("herd.data.cli:data", "the pre-training data pipeline: filter, dedup, mix, pack"),
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
+    "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
+    "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
+    "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
 }
 
 

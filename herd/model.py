@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention  # the fast document-masked kernel on GPU
 
 from herd.errors import ConfigError
-
-try:  # FlexAttention: the fast document-masked kernel on GPU (torch >= 2.5).
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    BlockMask, flex_attention = None, None
 
 
 @dataclass
@@ -199,7 +195,7 @@ class Attention(nn.Module):
             v_buf.index_copy_(2, cache_pos, v.to(v_buf.dtype))
             kv_len = mask.shape[-1]  # the mask says how many cache slots this step reads
             k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]
-        if BlockMask is not None and isinstance(mask, BlockMask):
+        if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -343,18 +339,30 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, mask: Tensor | Any | None = None,
                 document_ids: Tensor | None = None, cache: KVCache | None = None,
-                cache_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
-        """Float32 logits [B, S, vocab] ([B, 1, vocab] with last_only). Arguments as in features()."""
+                cache_pos: Tensor | None = None, last_only: bool = False,
+                head: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+        """Float32 logits [B, S, vocab] ([B, 1, vocab] with last_only). Arguments as in features().
+
+        head: instead of the logits, return head(hidden [B, S, dim], output matrix [vocab, dim]),
+            computed inside forward (e.g. a loss over slices of the vocabulary, so the full logits
+            never exist; wrappers such as FSDP see the output matrix used inside forward).
+        """
         h = self.features(tokens, positions=positions, mask=mask, document_ids=document_ids,
                           cache=cache, cache_pos=cache_pos)
         if last_only:
             h = h[:, -1:]
+        if head is not None:
+            return head(h, self.output_weight())
         return self.logits(h)
+
+    def output_weight(self) -> Tensor:
+        """The output matrix [vocab, dim] (the embedding when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def logits(self, h: Tensor) -> Tensor:
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight).float()
-        # Call the module (not F.linear on its weight) so a replaced output layer, e.g. a
-        # quantized one from herd.quant, runs its own kernel.
+        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout,
+        # or a quantized layer from herd.quant with its own kernel) takes part as it computes itself.
         return self.output(h).float()

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from herd.configs import get_preset
-from herd.data.shards import ShardDataset, ShardWriter
+from herd.data.shards import ShardDataset
 from herd.errors import HerdError
 from herd.model import Transformer
 from herd.train.config import parse_stages, stage_value
 from herd.train.data import BatchLoader
-from herd.train.loss import linear_cross_entropy
+from herd.train.loss import chunked_cross_entropy as linear_cross_entropy
 from herd.train.masks import attention_kwargs
 from herd.train.metrics import flops_per_token
 from herd.train.optim import lr_at, param_groups
+from helpers import make_shards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,18 +141,6 @@ def test_single_document_rows_take_the_causal_fast_path():
 
 # ---------------------------------------------------------------------------------------------
 # batches
-
-def make_shards(out, n_docs=120, vocab=256, seed=0, sha="a" * 64, shard_tokens=1500):
-    """Real herd-shards-v1 directories of learnable documents: arithmetic progressions mod vocab - 2."""
-    rng = np.random.default_rng(seed)
-    info = {"path": "", "sha256": sha, "n_words": vocab, "bos_id": vocab - 2, "eos_id": vocab - 1}
-    for split, n in (("train", n_docs), ("val", max(n_docs // 10, 4))):
-        with ShardWriter(out, split, info, shard_tokens=shard_tokens) as w:
-            for _ in range(n):
-                length, start, step = int(rng.integers(5, 60)), int(rng.integers(0, 200)), int(rng.integers(1, 4))
-                w.add((start + step * np.arange(length)) % (vocab - 2))
-    return out
-
 
 def test_loader_is_deterministic_disjoint_and_resumable(tmp_path):
     ds = ShardDataset(make_shards(tmp_path / "d"), "train")

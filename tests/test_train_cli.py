@@ -17,8 +17,7 @@ from herd.train.state import state_dirs
 from herd.train.loop import pretrain
 from herd.train.metrics import read_log
 from herd.train.speedrun import unigram_entropy
-from test_train import make_shards
-from test_train_loop import config
+from helpers import config, make_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -34,6 +33,7 @@ def cli(data: Path, out: Path, *extra: str) -> list[str]:
             f"--data={data}", f"--out={out}", *flags, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     data = make_shards(tmp_path / "d")
     ref = tmp_path / "ref"

@@ -78,21 +78,28 @@ def load_full_state_dict(model: Transformer, state_dict: dict[str, Tensor]) -> N
             raise HerdError(f"'{name}' has shape {tuple(full.shape)} in the state dict but {tuple(p.shape)} "
                             "in the model; load a checkpoint of the same architecture.")
         local = p.to_local() if isinstance(p, DTensor) else p
-        local.copy_(_local_part(full.to(dtype=p.dtype, device="cpu"), p))
+        local.copy_(_local_part(full, p))  # copy_ converts dtype and device of just this rank's slice
 
 
 def build_model(args: ModelArgs, mesh: DeviceMesh | None, device: torch.device | str, *, seed: int = 0,
                 tp: int = 1, compile: bool = False, activation_checkpointing: bool = False,
-                mixed_precision: str = "fp32") -> Transformer:
+                mixed_precision: str = "fp32", weights: dict[str, Tensor] | None = None) -> Transformer:
     """Build a Transformer on the meta device, parallelize it, and materialize only the local shards.
 
-    The weights equal the single-process `torch.manual_seed(seed); model.init_weights()` ones.
+    The weights are the single-process `torch.manual_seed(seed); model.init_weights()` ones, or,
+    when `weights` (a full state dict, e.g. a memory-mapped checkpoint) is given, those: each rank
+    copies just its slices, so no rank allocates the full model.
     """
     with torch.device("meta"):
         model = Transformer(args)
     parallelize(model, mesh, tp=tp, compile=compile, activation_checkpointing=activation_checkpointing,
                 mixed_precision=mixed_precision)
-    return materialize(model, device, seed=seed)
+    if weights is None:
+        return materialize(model, device, seed=seed)
+    model.to_empty(device=torch.device(device))
+    load_full_state_dict(model, weights)
+    model.reset_buffers()
+    return model
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

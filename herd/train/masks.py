@@ -18,10 +18,7 @@ from torch import Tensor
 
 from herd.model import document_positions
 
-try:
-    from torch.nn.attention.flex_attention import create_block_mask
-except ImportError:  # pragma: no cover - torch < 2.5
-    create_block_mask = None
+from torch.nn.attention.flex_attention import create_block_mask
 
 
 def single_document_rows(document_ids: Tensor) -> bool:
@@ -48,7 +45,7 @@ def attention_kwargs(document_ids: Tensor, *, enabled: bool = True, use_flex: bo
     if not enabled or single_document_rows(document_ids):
         return {}
     if use_flex is None:
-        use_flex = document_ids.is_cuda and create_block_mask is not None
+        use_flex = document_ids.is_cuda
     if use_flex:
         return {"mask": flex_document_mask(document_ids), "positions": document_positions(document_ids)}
     return {"document_ids": document_ids}

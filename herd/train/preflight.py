@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from herd.data.shards import ShardDataset, check_tokenizer
+from herd.data.shards import ShardDataset, check_tokenizer, file_sha256, find_tokenizer
 from herd.errors import HerdError
 from herd.model import ModelArgs
-from herd.train.config import TrainConfig
+from herd.train.config import DEFAULT_PRESET, TrainConfig
 
 
 @dataclass
@@ -30,6 +30,54 @@ class TrainData:
     tokenizer_sha256: str
 
 
+def resolve_model(cfg: TrainConfig) -> ModelArgs:
+    """The architecture this run trains: the preset's or the --init-from checkpoint's, plus overrides."""
+    from dataclasses import replace
+
+    from herd.configs import get_preset
+    from herd.errors import ConfigError
+
+    if cfg.init_from:
+        from herd.checkpoint import load_args
+
+        if not Path(cfg.init_from).exists():
+            raise HerdError(f"--init-from {cfg.init_from} does not exist; pass a herd, Hugging Face or Meta "
+                            "checkpoint folder.")
+        args = load_args(cfg.init_from)
+    else:
+        args = get_preset(cfg.preset or DEFAULT_PRESET)
+    overrides = cfg.model_overrides()
+    for name in ("max_seq_len", "rope_original_max_seq_len"):
+        if name in overrides and overrides[name] < 1:
+            raise HerdError(f"--{name.replace('_', '-')} {overrides[name]} must be a positive number of tokens.")
+    for name in ("rope_theta", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if name in overrides and not overrides[name] > 0:
+            raise HerdError(f"--{name.replace('_', '-')} {overrides[name]} must be positive.")
+    try:
+        args = replace(args, **overrides)
+    except ConfigError as e:
+        raise HerdError(str(e)) from None
+    if args.use_scaled_rope and not args.rope_high_freq_factor > args.rope_low_freq_factor:
+        raise HerdError(f"--rope-high-freq-factor {args.rope_high_freq_factor} must exceed --rope-low-freq-factor "
+                        f"{args.rope_low_freq_factor} (Llama 3.1 uses 4 and 1).")
+    return args
+
+
+def init_weights(cfg: TrainConfig, args: ModelArgs, data: "TrainData") -> dict[str, torch.Tensor] | None:
+    """The --init-from weights as a state dict (memory-mapped where the format allows), after checking
+    that the checkpoint's tokenizer is the one that made the shards; None without --init-from."""
+    if not cfg.init_from:
+        return None
+    from herd.checkpoint import find_tokenizer, load_checkpoint
+
+    tok = find_tokenizer(cfg.init_from)
+    if tok is not None and data.tokenizer_sha256 and file_sha256(tok) != data.tokenizer_sha256:
+        raise HerdError(f"{cfg.data} was tokenized with another tokenizer than {cfg.init_from} ({tok}); re-tokenize "
+                        f"the data with `herd data pack --tokenizer {tok}` or pick the matching checkpoint.")
+    model = load_checkpoint(cfg.init_from)
+    return {k: v for k, v in model.state_dict().items()}
+
+
 def open_data(cfg: TrainConfig, args: ModelArgs) -> TrainData:
     """Open the train / val splits, find and check the tokenizer, check the vocabulary fits the model."""
     if not Path(cfg.data).is_dir():
@@ -39,18 +87,19 @@ def open_data(cfg: TrainConfig, args: ModelArgs) -> TrainData:
     info = train.manifest.get("tokenizer", {})
     n_words = int(info.get("n_words", 0))
     if n_words > args.vocab_size:
-        raise HerdError(f"the shards use a {n_words}-token vocabulary but {cfg.preset} has only {args.vocab_size} "
-                        "embedding rows; pick a preset with a large enough vocab_size or re-tokenize with a smaller vocabulary.")
-    path = cfg.tokenizer or info.get("path") or ""
-    tokenizer = None
-    if path and Path(path).is_file():
-        from herd.tokenizer import Tokenizer
+        raise HerdError(f"the shards use a {n_words}-token vocabulary but {cfg.model_name()} has only {args.vocab_size} "
+                        "embedding rows; pick a model with a large enough vocab_size or re-tokenize with its tokenizer.")
+    # the tokenizer is found wherever the run starts (a copy beside the shards, the recorded
+    # absolute path) and checked by sha256; a run that cannot find it stops here, because without
+    # it there would be no samples, no tokenizer in OUT/final and no check of the shards
+    from herd.tokenizer import Tokenizer
 
+    path = find_tokenizer(cfg.data, train.manifest, cfg.tokenizer or None)
+    tokenizer = None
+    if path is not None:  # None: shards written without a tokenizer file (token ids made by code)
         tokenizer = Tokenizer.from_file(path)
         check_tokenizer(train.manifest, tokenizer)
-    elif cfg.tokenizer:
-        raise HerdError(f"--tokenizer {cfg.tokenizer} does not exist; pass the tokenizer.model the shards were made with.")
-    return TrainData(train, val, tokenizer, path if tokenizer is not None else None, str(info.get("sha256", "")))
+    return TrainData(train, val, tokenizer, str(path) if path else None, str(info.get("sha256", "")))
 
 
 def estimate_bytes(args: ModelArgs, micro_batch: int, seq_len: int, n_params: int, bytes_per: int = 4,
@@ -88,7 +137,7 @@ def check_fits(cfg: TrainConfig, args: ModelArgs, device: torch.device, local_ba
     need = estimate_bytes(args, micro, seq_len, args.num_params() // shard, masked=cfg.document_mask)
     have = available_bytes(device)
     if need > have:
-        raise HerdError(f"a micro-batch of {micro} x {seq_len} tokens of {cfg.preset} needs about {need / 2**30:.1f} GiB "
+        raise HerdError(f"a micro-batch of {micro} x {seq_len} tokens of {cfg.model_name()} needs about {need / 2**30:.1f} GiB "
                         f"but {device.type} has {have / 2**30:.1f} GiB free; lower --micro-batch-size (gradient "
                         "accumulation keeps the global batch) or --seq-len, or turn on --activation-checkpointing.")
     return micro
