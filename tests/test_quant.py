@@ -208,3 +208,13 @@ def test_q8_0_q4_0_blocks_bit_equal_to_gguf_reference(fmt):
     assert np.array_equal(dequantize_blocks(torch.from_numpy(ref), fmt).numpy(), gguf.quants.dequantize(ref, kind))
     with pytest.raises(HerdError, match="multiple of 32"):
         quantize_blocks(torch.randn(4, 40), fmt)
+
+
+def test_quantize_refuses_wrapped_layers():
+    """A LoRA-wrapped layer is not silently quantized around (its adapter matrices included)."""
+    from herd.posttrain.lora import LoRAConfig, apply_lora
+
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(lora_rank=4))
+    with pytest.raises(HerdError, match="merge adapters"):
+        quantize_model(model, "int8")

@@ -70,6 +70,10 @@ def _load(ns: argparse.Namespace):
     if getattr(ns, "adapter", None) is not None:
         from herd.posttrain.adapter import load_adapter
 
+        if ns.quantize:
+            raise HerdError("--quantize with --adapter is not supported yet; fold the adapter in with "
+                            "`herd merge-lora` and quantize the merged checkpoint.")
+
         load_adapter(model, ns.adapter)
         model.requires_grad_(False)
     if tokenizer.n_words > model.args.vocab_size:

@@ -25,6 +25,9 @@ from herd.quant.int4 import GROUP_SIZES, Int4Linear, check_int4_shape
 from herd.quant.int8 import Int8Linear
 
 METHODS = ("int8", "int4")
+LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+"""The linear layers of a transformer block, by Meta's names."""
 
 
 @dataclass
@@ -74,12 +77,19 @@ def quantize_model(model: nn.Module, config: QuantConfig | str = "int8", *, empt
     if getattr(model, "quantization", None) is not None:
         raise HerdError("this model is already quantized; load the float checkpoint to quantize it another way.")
     for block_name, block in model.layers.named_children():
-        for name, module in list(block.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    full = f"layers.{block_name}.{name}.{child_name}"
-                    setattr(module, child_name, _make(config.method, child.weight, config.group_size, empty, full))
+        for path in LINEARS:
+            parent_name, child_name = path.split(".")
+            parent = getattr(block, parent_name)
+            child = getattr(parent, child_name)
+            full = f"layers.{block_name}.{path}"
+            if not isinstance(child, nn.Linear):
+                raise HerdError(f"{full} is a {type(child).__name__}, not a plain linear layer; merge adapters into the "
+                                "model first (herd merge-lora), then quantize.")
+            setattr(parent, child_name, _make(config.method, child.weight, config.group_size, empty, full))
     if config.output != "none":
+        if model.output is not None and not isinstance(model.output, nn.Linear):
+            raise HerdError(f"the output layer is a {type(model.output).__name__}, not a plain linear layer; merge "
+                            "adapters into the model first (herd merge-lora), then quantize.")
         weight = model.tok_embeddings.weight if model.output is None else model.output.weight
         model.output = _make(config.output, weight, config.group_size, empty, "the output layer")
     model.quantization = config
