@@ -42,15 +42,20 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                        help="weight-only quantization of the linear layers: int8 per channel or int4 per group "
-                             "(faster CPU decoding, less memory; the embedding stays in float)")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
+    add_quantize_flags(parser)
     parser.add_argument("--draft", type=Path, default=None,
                         help="checkpoint of a small model with the same tokenizer: speculative decoding, "
                              "same output distribution, fewer forwards of the big model")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
     add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs"), group="sampling")
+
+
+def add_quantize_flags(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --group-size (generate, chat and serve)."""
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of the linear layers: int8 per channel or int4 per group "
+                             "(faster CPU decoding, less memory; the embedding stays in float)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
 
 
 def _load(ns: argparse.Namespace):
@@ -70,7 +75,7 @@ def _load(ns: argparse.Namespace):
     if getattr(ns, "adapter", None) is not None:
         from herd.posttrain.adapter import load_adapter
 
-        if ns.quantize:
+        if getattr(ns, "quantize", None):
             raise HerdError("--quantize with --adapter is not supported yet; fold the adapter in with "
                             "`herd merge-lora` and quantize the merged checkpoint.")
 
@@ -79,7 +84,7 @@ def _load(ns: argparse.Namespace):
     if tokenizer.n_words > model.args.vocab_size:
         raise HerdError(f"the tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}; "
                         "use the tokenizer the model was trained with.")
-    if ns.quantize:
+    if getattr(ns, "quantize", None):
         from herd.quant import QuantConfig, quantize_model
 
         if getattr(model, "quantization", None) is None:
@@ -140,9 +145,11 @@ def _same_vocabulary(a, b) -> bool:
 
 
 def _draft_summary(engine) -> str:
-    stats = getattr(engine, "stats", None)
-    if stats is None or not stats.rounds:
+    from herd.inference.speculative import SpeculativeDecoder
+
+    if not isinstance(engine, SpeculativeDecoder) or not engine.stats.rounds:
         return ""
+    stats = engine.stats
     return (f", draft acceptance {stats.acceptance_rate:.0%} ({stats.tokens_per_round:.2f} tokens per forward "
             "of the model)")
 
