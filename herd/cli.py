@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("herd.tokenizer.cli:tokenizer", "train, encode, decode and measure tokenizers"),
     "data": ("herd.data.cli:data", "the pre-training data pipeline: filter, dedup, mix, pack"),
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
+    "eval": ("herd.eval.cli:eval", "benchmark scores (MMLU, ARC, HellaSwag, GSM8K, ...), perplexity and bits per byte"),
 }
 
 
