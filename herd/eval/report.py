@@ -58,7 +58,9 @@ def aggregate_groups(tasks: list[Any], results: dict[str, dict], values: dict[st
             metrics[metric] = float(np.mean(pooled)) if pooled else float("nan")
             metrics[f"{metric}_stderr"] = mean_stderr(pooled)
             metrics[f"{metric}_macro"] = float(np.mean(per_task)) if per_task else float("nan")
+        summary = list(members[0].summary or members[0].metrics)
         out[group] = {"n": sum(results[t.name]["n"] for t in members), "subtasks": len(members),
+                      "summary": [m for s in summary for m in (s, f"{s}_macro")],
                       "skipped": sum(sum(results[t.name]["skipped"].values()) for t in members), "metrics": metrics}
     return out
 
@@ -89,11 +91,10 @@ def summary_table(report: dict[str, Any], max_rows: int = 40) -> str:
     grouped = {name for name, r in report["tasks"].items() if r.get("group")}
     show_subtasks = len(report["tasks"]) <= max_rows
 
-    def add(name: str, n: Any, metrics: dict[str, Any], skipped: int) -> None:
+    def add(name: str, n: Any, metrics: dict[str, Any], skipped: int, shown: list[str] | None) -> None:
         first = True
-        for k, v in metrics.items():
-            if k.endswith("_stderr") or v is None:
-                continue
+        for k in shown or [k for k in metrics if not k.endswith("_stderr")]:
+            v = metrics.get(k)
             se = metrics.get(f"{k}_stderr")
             se_text = f"{se:.4f}" if isinstance(se, float) and math.isfinite(se) else ""
             items = f"{n}" + (f" (+{skipped} skipped)" if skipped else "")
@@ -104,9 +105,9 @@ def summary_table(report: dict[str, Any], max_rows: int = 40) -> str:
     for name, r in report["tasks"].items():
         if name in grouped and not show_subtasks:
             continue
-        add(name, r["n"], r["metrics"], sum(r["skipped"].values()))
+        add(name, r["n"], r["metrics"], sum(r["skipped"].values()), r.get("summary"))
     for name, g in report.get("groups", {}).items():
-        add(f"{name} ({g['subtasks']} tasks)", g["n"], g["metrics"], g["skipped"])
+        add(f"{name} ({g['subtasks']} tasks)", g["n"], g["metrics"], g["skipped"], g.get("summary"))
     header = ("task", "items", "metric", "value", "stderr")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"

@@ -108,6 +108,8 @@ class Task:
 
     kind: ClassVar[str] = ""
     metrics: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[tuple[str, ...]] = ()
+    """The metrics the summary table shows (all of them are in results.json); default: all."""
 
     def __init__(self, name: str, source: str, num_fewshot: int = 0, group: str | None = None):
         self.name, self.source, self.num_fewshot, self.group = name, source, num_fewshot, group
@@ -120,7 +122,8 @@ class Task:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "source": self.source, "num_fewshot": self.num_fewshot, "group": self.group}
+        return {"kind": self.kind, "source": self.source, "num_fewshot": self.num_fewshot, "group": self.group,
+                "summary": list(self.summary or self.metrics)}
 
 
 TaskFactory = Callable[[TaskOptions], list[Task]]

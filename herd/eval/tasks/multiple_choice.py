@@ -80,6 +80,7 @@ def _letter_or_index(value, choices: list[str]) -> int:
 class MultipleChoiceTask(Task):
     kind = "multiple_choice"
     metrics = ("acc", "acc_norm", "acc_bytes", "nll_per_char")
+    summary = ("acc", "acc_norm")
 
     def __init__(self, name: str, fmt: MCFormat, docs: list[dict], fewshot_docs: list[dict] | None,
                  num_fewshot: int, seed: int, source: str, group: str | None = None, fewshot_split: str = "train"):

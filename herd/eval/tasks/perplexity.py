@@ -55,6 +55,7 @@ def _lambada(opts: TaskOptions) -> list[Task]:
 class PerplexityTask(Task):
     kind = "perplexity"
     metrics = ("bits_per_byte", "byte_perplexity", "word_perplexity", "token_perplexity")
+    summary = ("bits_per_byte", "word_perplexity", "token_perplexity")
 
     def __init__(self, name: str, docs: list[PplDoc], source: str, tokenizer_sha256: str = ""):
         super().__init__(name, source, 0)
