@@ -133,17 +133,25 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def read_oe_requests(path: str | Path) -> list[dict]:
-    """The unique source docs of an oe-eval requests.jsonl.gz (several requests share one doc), by doc_id."""
-    docs: dict[Any, dict] = {}
+    """The unique source docs of an oe-eval requests.jsonl.gz, in doc_id order. Several requests share
+    one doc (one per choice), and some files hold each doc twice under doc ids offset by 1,000,000
+    (the unconditional requests), so docs are told apart by their content."""
+    rows: list[tuple[Any, dict]] = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = _json_line(line, Path(path), i)
-            key = row.get("doc_id", i)
-            if key not in docs and isinstance(row.get("doc"), dict):
-                docs[key] = row["doc"]
-    return [docs[k] for k in sorted(docs, key=lambda k: (str(type(k)), k))]
+            if line.strip():
+                row = _json_line(line, Path(path), i)
+                if isinstance(row.get("doc"), dict):
+                    rows.append((row.get("doc_id", i), row["doc"]))
+    rows.sort(key=lambda r: (str(type(r[0])), r[0]))
+    seen: set[str] = set()
+    docs = []
+    for _, doc in rows:
+        key = json.dumps(doc, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            docs.append(doc)
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------
