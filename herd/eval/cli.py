@@ -1,4 +1,4 @@
-"""`herd eval`: score a checkpoint on benchmarks; prints one table and writes OUT/results.json."""
+"""`herd eval` (benchmark scores; one table, OUT/results.json) and `herd compare` (pairwise, judged)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,34 @@ def run_eval(ns: argparse.Namespace) -> int:
     print(f"results: {Path(cfg.out) / 'results.json'}")
     return 0
 
+
+
+# ---------------------------------------------------------------------------------------------
+# herd compare
+
+
+def add_compare_args(parser: argparse.ArgumentParser) -> None:
+    from herd.eval.compare import CompareConfig
+
+    parser.add_argument("checkpoint_a", type=Path, help="the first model (A)")
+    parser.add_argument("checkpoint_b", type=Path, help="the second model (B)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="compute dtype of all three models (default: each checkpoint's)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dataclass_args(parser, CompareConfig)
+
+
+def run_compare(ns: argparse.Namespace) -> int:
+    from herd.eval.compare import CompareConfig, run_comparison, table
+
+    cfg = dataclass_from_args(CompareConfig, ns)
+    for name, path in (("checkpoint_a", ns.checkpoint_a), ("checkpoint_b", ns.checkpoint_b)):
+        if not path.exists():
+            raise HerdError(f"{name} {path} does not exist; pass two checkpoint folders to compare.")
+    results = run_comparison(str(ns.checkpoint_a), str(ns.checkpoint_b), cfg, dtype=ns.dtype, device=ns.device)
+    print(table(results))
+    skipped = sum(results["skipped"].values())
+    if skipped:
+        print(f"skipped {skipped} prompt(s): " + ", ".join(f"{k} ({v})" for k, v in results["skipped"].items()))
+    print(f"results: {Path(cfg.out) / 'results.json'}, pairs: {Path(cfg.out) / 'pairs.jsonl'}")
+    return 0
