@@ -158,3 +158,45 @@ def test_lm_eval_model_herd_equals_model_hf(setup):
     texts = lambda r: [s["resps"][0][0] for s in sorted(r["samples"]["gsm8k_cot_local"], key=lambda s: s["doc_id"])]
     assert texts(ours) == texts(theirs)
     assert all(texts(ours))
+
+
+def test_gsm8k_cot_prompts_equal_lm_evals(setup):
+    """herd's 8-shot chain-of-thought prompts are the ones lm-eval's gsm8k-cot.yaml builds."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from herd.eval.tasks import TaskOptions, build_tasks
+
+    gsm = setup["root"] / "gsm8k.jsonl"
+    yaml = setup["root"] / "tasks8"
+    yaml.mkdir(exist_ok=True)
+    _yaml(yaml / "gsm8k8.yaml", Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k-cot.yaml", "gsm8k_cot_8shot",
+          {"test": gsm}, setup["root"] / "hf_cache", dataset_path="json")
+    task = get_task_dict(["gsm8k_cot_8shot"], TaskManager(include_path=str(yaml), include_defaults=False))["gsm8k_cot_8shot"]
+    task.build_all_requests(limit=4, rank=0, world_size=1)
+    theirs = sorted(task.instances, key=lambda i: i.doc_id)
+    ours = build_tasks("gsm8k_cot", TaskOptions(data={"gsm8k_cot": gsm}))[0].items()
+    assert [i.args[0] for i in theirs] == [i.prompt for i in ours]
+    assert [i.doc["answer"].split("####")[-1].strip() for i in theirs] == [i.reference for i in ours]
+
+
+def test_adapter_loglikelihood_rolling_equals_lm_evals_windows_by_plain_forwards(setup):
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from herd.eval.lm_eval_adapter import HerdLM
+    from herd.eval.loading import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(setup["root"] / "herd")
+    lm = HerdLM(model=model, herd_tokenizer=tok, max_length=16)  # short windows: several per document
+    text = "The quick brown fox jumps over the lazy dog, then naps under an old oak tree in the afternoon sun."
+    req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    (total,) = lm.loglikelihood_rolling([req], disable_tqdm=True)
+    ids = tok.encode(text)
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tok.bos_id, 16, 1)]
+    assert len(windows) >= 3
+    expected = 0.0
+    for ctx, cont in windows:  # lm-eval's windows, each scored by one plain forward
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0], -1)
+        expected += float(logp[len(ctx) - 1:].gather(1, torch.tensor(cont)[:, None]).sum())
+    assert total == pytest.approx(expected, abs=1e-3)

@@ -68,7 +68,7 @@ def test_sweep_refuses_another_plan_in_the_same_folder(tmp_path, capsys):
     out = tmp_path / "sweep"
     base = ["scaling", "sweep", "--data", str(data), "--out", str(out), *SWEEP]
     (out).mkdir()
-    (out / "plan.json").write_text(json.dumps({"settings": {"budgets": "other"}, "runs": []}))
+    (out / "plan.json").write_text(json.dumps({"settings": {"seq_len": 4096}, "runs": []}))
     assert main(base) == 2
     assert "planned with other settings" in capsys.readouterr().err
     assert main(["scaling", "sweep", "--data", str(tmp_path / "none"), "--out", str(out)]) == 2

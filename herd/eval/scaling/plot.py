@@ -93,6 +93,11 @@ def plot_sweep(runs: list[dict[str, Any]], fit: ScalingFit, path: str | Path, do
         ax.set_title("step 2: NLL -> accuracy (sigmoid)")
     if title:
         fig.suptitle(title)
+    from matplotlib.ticker import NullFormatter
+
+    for ax in axes:  # log axes spanning less than a decade label their minor ticks, which overlap
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -12,8 +12,9 @@
            and, with --eval-tasks, `herd eval` scores of its final weights go to RUN/result.json.
     files: OUT/plan.json, OUT/runs/<budget>-L<depth>/ (the pretrain folder + result.json),
            OUT/runs.jsonl (every finished run). A run with result.json is done; an unfinished one
-           resumes from its last checkpoint, so a killed sweep continues where it stopped. Under
-           torchrun every rank runs the same plan and rank 0 writes the files.
+           resumes from its last checkpoint, so a killed sweep continues where it stopped, and a
+           re-run with more --budgets adds their runs to the same sweep. Under torchrun every rank
+           runs the same plan and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -166,14 +167,17 @@ def run_sweep(cfg: SweepConfig, log=lambda s: print(f"[sweep] {s}", file=sys.std
     plan = plan_sweep(cfg, int(tok_info.get("n_words", 0)))
     out = Path(cfg.out)
     plan_file = out / "plan.json"
+    # Budgets may be added to a sweep (its finished runs are kept); any other setting changes every run.
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads", "device", "eval_tasks",
-                                                                   "eval_limit", "eval_data")}
+                                                                   "eval_limit", "eval_data", "budgets")}
     if plan_file.is_file():
         saved = json.loads(plan_file.read_text())
-        if saved.get("settings") != settings:
+        if {k: v for k, v in saved.get("settings", {}).items() if k != "budgets"} != settings:
             raise HerdError(f"{out} holds a sweep planned with other settings; use a new --out, or the settings in "
-                            f"{plan_file} to resume it.")
-    elif is_main():
+                            f"{plan_file} to resume it (only --budgets may change).")
+        known = {r["name"] for r in saved.get("runs", [])}
+        plan = sorted(saved["runs"] + [r for r in plan if r["name"] not in known], key=lambda r: (r["budget"], r["depth"]))
+    if is_main():
         atomic_write(plan_file, json.dumps({"settings": settings, "runs": plan}, indent=1) + "\n")
     threads = cfg.threads
     if threads == 0 and cfg.device != "cuda":
