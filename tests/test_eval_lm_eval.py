@@ -187,12 +187,12 @@ def test_adapter_loglikelihood_rolling_equals_lm_evals_windows_by_plain_forwards
     from herd.eval.loading import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(setup["root"] / "herd")
-    lm = HerdLM(model=model, herd_tokenizer=tok, max_length=16)  # short windows: several per document
+    lm = HerdLM(model=model, herd_tokenizer=tok, max_length=8)  # short windows: several per document
     text = "The quick brown fox jumps over the lazy dog, then naps under an old oak tree in the afternoon sun."
     req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
     (total,) = lm.loglikelihood_rolling([req], disable_tqdm=True)
     ids = tok.encode(text)
-    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tok.bos_id, 16, 1)]
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, tok.bos_id, 8, 1)]
     assert len(windows) >= 3
     expected = 0.0
     for ctx, cont in windows:  # lm-eval's windows, each scored by one plain forward
