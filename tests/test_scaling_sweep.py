@@ -93,3 +93,27 @@ def test_fit_reads_a_runs_file_and_predicts(tmp_path, capsys):
     assert abs(fit["fit"]["params"]["alpha"] - 0.28 / 0.62) < 0.02
     assert main(["scaling", "plot", str(path), "--predict", "1e23"]) == 0
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sweep_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 herd scaling sweep` (FSDP, dp 2) gives the one-process val losses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = make_shards(tmp_path / "data", n_docs=60)
+    small = [a if a != "2e8,6e8" else "2e8" for a in SWEEP]
+    assert main(["scaling", "sweep", "--data", str(data), "--out", str(tmp_path / "one"), *small]) == 0
+    herd = Path(sys.executable).with_name("herd")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+           str(herd if herd.exists() else "herd"), "scaling", "sweep", "--data", str(data), "--out",
+           str(tmp_path / "two"), *small]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("[sweep] run 1/3") == 2  # rank 0 only: start and finish lines of run 1
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "runs.jsonl").read_text().splitlines()]
+    for a, b in zip(read("one"), read("two")):
+        assert a["name"] == b["name"] and a["loss"] == pytest.approx(b["loss"], abs=2e-5)

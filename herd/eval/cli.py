@@ -46,8 +46,9 @@ def run_eval(ns: argparse.Namespace) -> int:
         raise HerdError("no tasks given; pass --tasks, e.g. --tasks arc_easy,hellaswag (see --list-tasks).")
     if ns.checkpoint is None:
         raise HerdError("no checkpoint given; pass --checkpoint CKPT (a folder from herd init, pretrain or convert).")
-    if not cfg.out:
-        cfg.out = str(Path("runs") / "eval" / (ns.checkpoint.resolve().name or "model"))
+    if not cfg.out:  # the checkpoint's folder and its parent: runs/speedrun/final -> runs/eval/speedrun-final
+        resolved = ns.checkpoint.resolve()
+        cfg.out = str(Path("runs") / "eval" / "-".join(p for p in (resolved.parent.name, resolved.name) if p))
     model, tokenizer, info = load_model_and_tokenizer(ns.checkpoint, ns.tokenizer, ns.dtype, ns.device)
     report = evaluate(model, tokenizer, cfg, info)
     print(summary_table(report))

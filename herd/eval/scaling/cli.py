@@ -121,8 +121,12 @@ def run_scaling(ns: argparse.Namespace) -> int:
     if ns.scaling_command == "sweep":
         from herd.eval.scaling.sweep import SweepConfig, run_sweep
 
-        results = run_sweep(dataclass_from_args(SweepConfig, ns))
-        print(f"{len(results)} runs finished; fit them with `herd scaling fit {dataclass_from_args(SweepConfig, ns).out}`")
+        from herd.parallel import is_main
+
+        cfg = dataclass_from_args(SweepConfig, ns)
+        results = run_sweep(cfg)
+        if is_main():
+            print(f"{len(results)} runs finished; fit them with `herd scaling fit {cfg.out}`")
         return 0
     result = analyze(ns)
     folder = ns.runs if ns.runs.is_dir() else ns.runs.parent

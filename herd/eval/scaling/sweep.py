@@ -150,12 +150,20 @@ def _downstream(final: Path, cfg: SweepConfig, out: Path) -> dict[str, Any]:
     return {name: {**r["metrics"], "n": r["n"]} for name, r in report["tasks"].items()}
 
 
-def run_sweep(cfg: SweepConfig, log=lambda s: print(f"[sweep] {s}", file=sys.stderr, flush=True)) -> list[dict]:
+def _log(text: str) -> None:
+    from herd.parallel import is_main
+
+    if is_main():  # under torchrun only rank 0 talks
+        print(f"[sweep] {text}", file=sys.stderr, flush=True)
+
+
+def run_sweep(cfg: SweepConfig, log=_log) -> list[dict]:
     """Plan the grid (or reuse OUT/plan.json), run every unfinished run, return all finished results."""
     from herd.data.shards import read_manifest
-    from herd.parallel import barrier, is_main
+    from herd.parallel import barrier, init_distributed, is_main
     from herd.train import TrainConfig, pretrain
 
+    init_distributed()  # under torchrun: join the group now, so only rank 0 logs and writes from the start
     if not cfg.data or not Path(cfg.data).is_dir():
         raise HerdError(f"--data '{cfg.data}' is not a shard folder; build one with `herd speedrun --steps 1` "
                         "(OUT/data) or `herd data pack`.")
