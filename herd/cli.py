@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("herd.eval.cli:eval", "benchmark scores (MMLU, ARC, HellaSwag, GSM8K, ...), perplexity and bits per byte"),
     "compare": ("herd.eval.cli:compare", "two checkpoints side by side on prompts, judged by a model: win / tie / loss"),
     "scaling": ("herd.eval.scaling.cli:scaling", "IsoFLOP sweeps, scaling-law fits and downstream prediction, plots"),
+    "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
+    "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
+    "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
 }
 
 

@@ -1,7 +1,7 @@
 """Named model presets: the official Llama 3 family and small from-scratch sizes.
 
 Presets are looked up by exact name. The official shapes come from Meta's params.json files
-(see SPEC.md section 1). The small sizes keep Llama 3's proportions (SwiGLU at ~8/3 dim, GQA,
+(meta-llama/llama-models, models/llama3*/ params.json; Hugging Face config.json of each release). The small sizes keep Llama 3's proportions (SwiGLU at ~8/3 dim, GQA,
 head_dim 64, tied embeddings like Llama 3.2 1B/3B) and use a smaller vocabulary, trained with
 `herd tokenizer train`, because a 128K-row embedding would be most of a small model:
 

@@ -361,4 +361,8 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
-        return F.linear(h, self.output_weight()).float()
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight).float()
+        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout)
+        # takes part as it computes itself.
+        return self.output(h).float()

@@ -3,6 +3,7 @@ training configs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,10 @@ def make_shards(out, n_docs=120, vocab=256, seed=0, sha="a" * 64, shard_tokens=1
 def config(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(preset="herd-1m", data=str(data), out=str(out), steps=STEPS, batch_size=4, seq_len=32,
                 lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=1, checkpoint_every=0, log_every=100,
-                tensorboard=False, peak_tflops=1.0, seed=1)
+                tensorboard=False, peak_tflops=1.0, seed=1,
+                # a fixed count (conftest's), not --threads 0's pick for the current load: float
+                # sums depend on the thread count, and comparisons between runs must not
+                threads=int(os.environ.get("HERD_TEST_THREADS", "1")))
     return TrainConfig(**{**base, **kw})
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from herd.model import ModelArgs, Transformer
 from herd.parallel import (all_reduce_mean, build_mesh, build_model, clip_grad_norm_, destroy, full_state_dict,
                            init_distributed, is_main, load_full_state_dict)
+from herd.train.loss import chunked_cross_entropy, lm_head, token_logprobs
 
 STEPS, BATCH, SEQ, SEED = 5, 4, 32, 1234
 
@@ -34,6 +35,13 @@ SCENARIOS: dict[str, tuple[int, int, dict]] = {
     "fsdp_bf16": (2, 1, {"mixed_precision": "bf16"}),
     "fsdp_tp": (2, 2, {}),
     "fsdp_tp_tied": (2, 2, {"tied": True, "activation_checkpointing": True}),
+    # The same training through herd's losses, computed inside forward (head=...): the chunked
+    # cross-entropy (FSDP gathers the output matrix, TP computes vocabulary slices) and the
+    # differentiable per-token log-probs (mean of -log p = the same loss, through DPO's path).
+    "fsdp_chunked": (2, 1, {"loss": "chunked"}),
+    "tp_chunked": (1, 2, {"loss": "chunked"}),
+    "tp_tied_logprobs": (1, 2, {"tied": True, "loss": "logprobs"}),
+    "fsdp_tp_tied_chunked": (2, 2, {"tied": True, "loss": "chunked"}),
 }
 
 
@@ -57,19 +65,28 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return out
 
 
-def train(model: Transformer, batches, params=None) -> tuple[list[float], list[float]]:
+def mean_loss(model: Transformer, inputs, targets, docs, loss: str = "plain") -> torch.Tensor:
+    """Mean token cross-entropy of a (local) batch: from full logits, or herd's losses inside forward."""
+    if loss == "plain":
+        logits = model(inputs, document_ids=docs)  # [b, S, vocab]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if loss == "chunked":  # slices of 24 tokens: several per batch, the last one short
+        return model(inputs, document_ids=docs, head=lm_head(chunked_cross_entropy, targets, chunk=24)) / targets.numel()
+    return -model(inputs, document_ids=docs, head=lm_head(token_logprobs, targets, chunk=24)).mean()
+
+
+def train(model: Transformer, batches, loss: str = "plain") -> tuple[list[float], list[float]]:
     """AdamW steps on the given (local) batches; the global mean loss and grad norm per step."""
     # foreach: the multi-tensor step GPUs default to, which needs every parameter of one kind.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     losses, norms = [], []
     for inputs, targets, docs in batches:
-        logits = model(inputs, document_ids=docs)  # [b, S, vocab]
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
+        loss_value = mean_loss(model, inputs, targets, docs, loss)
+        loss_value.backward()
         norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(all_reduce_mean(loss.detach()).item())
+        losses.append(all_reduce_mean(loss_value.detach()).item())
     return losses, norms
 
 
@@ -83,6 +100,7 @@ def run_scenario(name: str, out_dir: Path) -> None:
     dp, tp, opts = SCENARIOS[name]
     opts = dict(opts)
     tied = opts.pop("tied", False)
+    loss = opts.pop("loss", "plain")
     info = init_distributed()
     mesh = build_mesh(info, dp=dp, tp=tp)
     model = build_model(model_args(tied), mesh, info.device, seed=SEED, tp=tp, **opts)
@@ -93,7 +111,7 @@ def run_scenario(name: str, out_dir: Path) -> None:
     roundtrip = all(torch.equal(v, init[k]) for k, v in full_state_dict(other).items())
     del other
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    losses, norms = train(model, local_batches(dp_rank, dp))
+    losses, norms = train(model, local_batches(dp_rank, dp), loss)
     final = full_state_dict(model)
     if is_main():
         torch.save({"losses": losses, "grad_norms": norms, "init": init, "final": final, "roundtrip": roundtrip,

@@ -1,7 +1,7 @@
 """The model against Hugging Face transformers' LlamaForCausalLM, and its own invariants.
 
-The weights go to transformers through the q/k permutation of Hugging Face's converter (SPEC.md
-section 2), written out here independently of herd.checkpoint so a mistake in either shows.
+The weights go to transformers through the q/k permutation of Hugging Face's converter (transformers'
+convert_llama_weights_to_hf.py), written out here independently of herd.checkpoint so a mistake in either shows.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_logits_match_transformers(case):
 
 
 def test_rope_scaling_by_hand():
-    """Three frequencies of the Llama 3.1 rule computed by hand from SPEC.md section 2."""
+    """Three frequencies of the Llama 3.1 rule computed by hand from apply_scaling in Meta's llama-models reference."""
     args = ModelArgs(dim=128, n_heads=1, use_scaled_rope=True, rope_scale_factor=8.0)
     freqs = rope_frequencies(args)
     base = [500000.0 ** (-2 * i / 128) for i in range(64)]

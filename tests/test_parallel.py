@@ -25,9 +25,10 @@ from herd.parallel import (DistInfo, all_reduce_mean, build_mesh, build_model, c
                            full_state_dict, init_distributed, is_main, parallelize)
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-TWO = ["fsdp", "tp", "fsdp_tied", "tp_tied", "fsdp_ac"]  # must equal one process to float tolerance
+TWO = ["fsdp", "tp", "fsdp_tied", "tp_tied", "fsdp_ac",  # must equal one process to float tolerance
+       "fsdp_chunked", "tp_chunked", "tp_tied_logprobs"]
 BF16 = "fsdp_bf16"  # bf16 compute: close to, not equal to, one fp32 process
-FOUR = ["fsdp_tp_tied"]  # the hardest 2-D case: a tied weight sharded on both dims, with checkpointing
+FOUR = ["fsdp_tp_tied", "fsdp_tp_tied_chunked"]  # the hardest 2-D case: a tied weight sharded on both dims
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -87,7 +88,8 @@ def check_same_training(got: dict, name: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", TWO)
 def test_two_ranks_train_like_one_process(two_rank_runs, name):
-    """fsdp: dp=2 (FSDP2); tp: tp=2 (DTensor); the same tied to embeddings; FSDP + activation checkpointing."""
+    """fsdp: dp=2 (FSDP2); tp: tp=2 (DTensor); the same tied to embeddings; FSDP + activation checkpointing;
+    herd's chunked loss and per-token log-probs inside forward under FSDP and TP (vocabulary-parallel)."""
     assert two_rank_runs[name]["world_size"] == 2
     check_same_training(two_rank_runs[name], name)
 
@@ -199,7 +201,7 @@ def test_clip_grad_norm_matches_torch():
 
 # ---- `herd pretrain` itself under torchrun ----
 
-PRETRAIN_FLAGS = ["--preset", "herd-1m", "--steps", "5", "--batch-size", "4", "--seq-len", "32",
+PRETRAIN_FLAGS = ["--steps", "5", "--batch-size", "4", "--seq-len", "32",
                   "--warmup-steps", "1", "--lr", "3e-3", "--eval-every", "0", "--eval-batches", "2",
                   "--tensorboard", "false", "--log-every", "1"]
 
@@ -229,32 +231,42 @@ def read_log(run: Path) -> tuple[list[dict], list[float]]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_herd_pretrain_fsdp_matches_single_process(tmp_path):
-    """`torchrun --nproc-per-node 2 herd pretrain --dp 2` logs the losses of the one-process run,
-    and its exported weights (gathered from FSDP shards) equal the one-process export."""
+def test_herd_pretrain_under_torchrun_matches_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 herd pretrain` with --dp 2 (FSDP2) and with --tp 2, continuing from
+    a Hugging Face checkpoint (--init-from), logs the losses of the one-process run, and its exported
+    weights (gathered from the shards) equal the one-process export."""
     from safetensors.torch import load_file
 
+    from herd.checkpoint import save_checkpoint
     from herd.cli import main
 
     data = write_counting_shards(tmp_path / "shards")
-    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "one"), *PRETRAIN_FLAGS]) == 0
-    herd = Path(sys.executable).with_name("herd")  # the console script of this interpreter's install
-    proc = torchrun(2, ["--no-python", str(herd if herd.exists() else "herd"), "pretrain", "--data", str(data), "--out", str(tmp_path / "two"),
-                        "--dp", "2", *PRETRAIN_FLAGS])
-    assert proc.returncode == 0, f"torchrun herd pretrain failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    (one, one_val), (two, two_val) = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2, 3, 4, 5] and len(one) == 5
+    start = Transformer(pw.model_args())
+    start.init_weights()
+    save_checkpoint(start, tmp_path / "hf", format="hf")
+    flags = ["--init-from", str(tmp_path / "hf"), *PRETRAIN_FLAGS]
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "one"), *flags]) == 0
+    one, one_val = read_log(tmp_path / "one")
+    assert [r["step"] for r in one] == [1, 2, 3, 4, 5]
     assert one[-1]["loss"] < one[0]["loss"] - 0.1  # it trained
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], abs=2e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-        assert a["lr"] == b["lr"]
-    assert one_val and two_val and one_val[-1] == pytest.approx(two_val[-1], abs=2e-5)
     w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
+    herd = Path(sys.executable).with_name("herd")  # the console script of this interpreter's install
+    for layout in (["--dp", "2"], ["--tp", "2"]):
+        out = tmp_path / layout[0].strip("-")
+        proc = torchrun(2, ["--no-python", str(herd if herd.exists() else "herd"), "pretrain", "--data", str(data),
+                            "--out", str(out), *layout, *flags])
+        assert proc.returncode == 0, f"torchrun herd pretrain {layout} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        two, two_val = read_log(out)
+        assert [r["step"] for r in two] == [1, 2, 3, 4, 5], layout
+        for a, b in zip(one, two):
+            assert a["loss"] == pytest.approx(b["loss"], abs=2e-5), layout
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), layout
+            assert a["lr"] == b["lr"]
+        assert one_val and two_val and one_val[-1] == pytest.approx(two_val[-1], abs=2e-5), layout
+        w2 = load_file(str(out / "final" / "model.safetensors"))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=f"{layout}: {k}")
 
 
 @pytest.mark.gpu

@@ -195,7 +195,7 @@ def test_special_tokens_and_known_ids(tok, official_tokenizer_json):
     added = {t["id"]: t["content"] for t in json.loads(official_tokenizer_json.read_text())["added_tokens"]}
     for name in FUNCTIONAL_SPECIALS:
         assert added[tok.special_tokens[name]] == name
-    # Llama 3.1 names (SPEC.md): 128005 is reserved_special_token_2, reserved tokens run 3..247
+    # Llama 3.1 names (meta-llama/llama-models, llama3/tokenizer.py): 128005 is reserved_special_token_2, reserved tokens run 3..247
     assert tok.special_tokens["<|reserved_special_token_2|>"] == 128005
     assert tok.special_tokens["<|reserved_special_token_3|>"] == 128011
     assert tok.special_tokens["<|reserved_special_token_247|>"] == 128255
@@ -283,7 +283,7 @@ def test_cli_encode_decode_and_errors(official_tokenizer_model, capsys, monkeypa
     assert main(["tokenizer", "encode", "--tokenizer", path, "--text", "Hello, world!"]) == 0
     assert capsys.readouterr().out.split() == ["9906", "11", "1917", "0"]
     assert main(["tokenizer", "decode", "--tokenizer", path, "9906", "11", "1917", "0"]) == 0
-    assert capsys.readouterr().out == "Hello, world!"
+    assert capsys.readouterr().out == "Hello, world!\n"  # a line also when piped (not a tty)
     assert main(["tokenizer", "encode", "--tokenizer", path, "--allow-special", "--format", "json",
                  "--text", "<|eot_id|>"]) == 0
     assert json.loads(capsys.readouterr().out) == [128009]

@@ -1,6 +1,6 @@
 """Hugging Face format: config.json (LlamaForCausalLM) + model.safetensors (or shards + index).
 
-Two differences from herd's own layout (SPEC.md section 2 and 5):
+Two differences from herd's own layout (transformers' convert_llama_weights_to_hf.py):
 - names: model.layers.N.self_attn.q_proj <-> layers.N.attention.wq, and so on (_LAYER_NAMES);
 - RoPE convention: Hugging Face rotates halves of each head, Meta adjacent pairs, so the rows of
   wq and wk are permuted within each head (n_kv_heads heads for wk). wv and wo are not.
@@ -92,6 +92,11 @@ def _ffn_args(cfg: dict, dim: int) -> tuple[int, float | None]:
 
 def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     """ModelArgs from a Hugging Face LlamaForCausalLM config (rope settings under rope_scaling or rope_parameters)."""
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type != "llama":
+        arch = ", ".join(cfg.get("architectures") or []) or model_type
+        raise HerdError(f"{source} describes a '{model_type}' model ({arch}), not Llama; herd loads Llama "
+                        "checkpoints (model_type 'llama') only.")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -166,6 +171,10 @@ def load_args(folder: Path) -> ModelArgs:
 
 
 def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    archs = read_json(folder / "config.json").get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise HerdError(f"{folder} is a reward model ({archs[0]}: a scalar head, no vocabulary head), not a language "
+                        "model; score with it through `herd score --reward-model` or herd.posttrain.load_reward_model.")
     args = load_args(folder)
     state = from_hf_state_dict(read_safetensors_folder(folder), args)
     return model_from_state_dict(args, state, device, dtype, source=str(folder))
@@ -180,3 +189,47 @@ def save(model: Transformer, folder: Path, shards: int = 1) -> None:
     gen = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]} if model.args.vocab_size >= 128256 else {}
     (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
 
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a herd parameter (layers.0.attention.wq.weight -> model.layers.0.self_attn.q_proj.weight)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "layers" or parts[2] not in _LAYER_NAMES:
+        raise HerdError(f"'{name}' is not a herd parameter name with a Hugging Face counterpart.")
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+
+
+def herd_name(name: str) -> str | None:
+    """The herd name of a Hugging Face parameter name, or None if it has none (inverse of hf_name)."""
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    if name in top:
+        return top[name]
+    layer = {v: k for k, v in _LAYER_NAMES.items()}
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in layer:
+        return f"layers.{parts[2]}.{layer[parts[3]]}"
+    return None
+
+
+def _row_heads(name: str, args: ModelArgs) -> int | None:
+    """Heads whose rows the RoPE layouts order differently: wq (n_heads), wk (n_kv_heads), else None."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def to_hf_rows(w: Tensor, name: str, args: ModelArgs) -> Tensor:
+    """Rows of a [out, k] matrix on herd parameter `name`'s output side in Hugging Face's order
+    (permuted within each head for wq / wk; unchanged otherwise). Also serves LoRA B matrices."""
+    heads = _row_heads(name, args)
+    return w if heads is None else _permute(w, heads)
+
+
+def from_hf_rows(w: Tensor, name: str, args: ModelArgs) -> Tensor:
+    """Inverse of to_hf_rows."""
+    heads = _row_heads(name, args)
+    return w if heads is None else _unpermute(w, heads)

@@ -1,13 +1,14 @@
 """Meta's format: params.json + consolidated.NN.pth, one file per model-parallel rank.
 
 Shards split wq/wk/wv/w1/w3/output and tok_embeddings along dim 0 (output features, vocab rows),
-wo/w2 along dim 1 (input features); norms are replicated (SPEC.md section 5). herd uses Meta's
-parameter names, so no name map is needed.
+wo/w2 along dim 1 (input features); norms are replicated (the ColumnParallelLinear, RowParallelLinear
+and ParallelEmbedding layers of Meta's meta-llama/llama3 model.py). herd uses Meta's parameter
+names, so no name map is needed.
 
 params.json has no field for the tie or the rope factor: Meta's code hard-codes factor 8, yet the
 Llama 3.2 1B/3B checkpoints (the tied ones, whose output.weight equals the embedding) need 32
-(SPEC.md section 1). So the loader reads `rope_scaling_factor` when present and otherwise uses 32
-for tied and 8 for untied models. herd writes `rope_scaling_factor` plus its own fields under
+(meta-llama/llama-models issues 166 and 241). So the loader reads `rope_scaling_factor` when
+present and otherwise uses 32 for tied and 8 for untied models. herd writes `rope_scaling_factor` plus its own fields under
 "herd"; llama-models' ModelArgs ignores keys it does not know.
 """
 
@@ -57,7 +58,8 @@ def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("consolidated.*.pth"))
 
 
-def _load_shard(path: Path) -> dict[str, Tensor]:
+def load_shard(path: Path) -> dict[str, Tensor]:
+    """One consolidated.NN.pth as a dict of memory-mapped tensors (HerdError if it is not one)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
@@ -100,7 +102,7 @@ def load_args(folder: Path, tied: bool | None = None) -> ModelArgs:
     extra = params.get("herd") if isinstance(params.get("herd"), dict) else {}
     if tied is None and "tie_embeddings" not in extra and shard_files(folder):
         # Shard 0 holds matching row slices of both matrices; mmap makes this cheap.
-        first = _load_shard(shard_files(folder)[0])
+        first = load_shard(shard_files(folder)[0])
         tied = "output.weight" not in first or tied_output_check(first, "output.weight", "tok_embeddings.weight")
     kw = {k: params[k] for k in _PARAMS if k in params}
     if kw.get("use_scaled_rope"):
@@ -116,11 +118,27 @@ def load_args(folder: Path, tied: bool | None = None) -> ModelArgs:
         raise HerdError(f"{folder / 'params.json'} is not a valid Llama params file ({e}); fix that file.") from None
 
 
+def _check_shard_set(folder: Path, files: list[Path], state: dict[str, Tensor]) -> None:
+    """HerdError when model-parallel shards are missing (a gap in the numbering, or too few for the shapes)."""
+    numbers = sorted(int(f.name.split(".")[1]) for f in files if f.name.split(".")[1].isdigit())
+    gaps = sorted(set(range(max(numbers, default=-1) + 1)) - set(numbers))
+    if gaps:
+        raise HerdError(f"{folder} lacks consolidated.{gaps[0]:02d}.pth ({len(files)} shard file(s) found); "
+                        "copy every consolidated.NN.pth of the checkpoint.")
+    vocab = int(read_json(folder / "params.json").get("vocab_size", 0) or 0)
+    rows = state["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in state else 0
+    if rows and vocab > rows and vocab % rows == 0:
+        need = len(files) * vocab // rows
+        raise HerdError(f"{folder} holds {len(files)} model-parallel shard(s) but its weights are split {need} "
+                        f"ways (tok_embeddings has {rows} of {vocab} rows); copy the missing consolidated.NN.pth files.")
+
+
 def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     files = shard_files(folder)
-    shards = [_load_shard(f) for f in files]
+    shards = [load_shard(f) for f in files]
     state = _merge(shards, dtype, device, folder)
     del shards
+    _check_shard_set(folder, files, state)
     extra = read_json(folder / "params.json").get("herd")
     recorded = extra.get("tie_embeddings") if isinstance(extra, dict) else None
     out, emb = state.get("output.weight"), state.get("tok_embeddings.weight")

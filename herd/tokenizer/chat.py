@@ -25,7 +25,7 @@ import ast
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from herd.errors import HerdError
 from herd.tokenizer.core import Tokenizer
@@ -45,6 +45,21 @@ _FUNCTION_TAG = re.compile(r"^<function=([^>]+)>(.*)</function>$", re.DOTALL)
 def _tojson(x: Any, indent: int | None = None) -> str:
     # transformers' chat-template `tojson`: plain json.dumps, non-ASCII kept, keys in given order
     return json.dumps(x, ensure_ascii=False, indent=indent)
+
+
+TRAIN_ON = ("assistant", "last", "all")
+"""Loss-mask policies of encode_dialog_with_mask: every assistant reply, the last one only, or every token."""
+
+
+class Segment(NamedTuple):
+    """A run of a rendered dialog that starts at a special token."""
+
+    message: int
+    """Index of the message it renders in the list given, or -1 for template text (bos, generation prompt)."""
+    reply: bool
+    """Whether it is what an assistant wrote: the content and closing token of an assistant message."""
+    parts: list[int | str]
+    """Special-token ids and text pieces, before encoding."""
 
 
 class ChatFormat:
@@ -157,43 +172,56 @@ class ChatFormat:
 
     def dialog_parts(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> list[int | str]:
         """The dialog as special-token ids and text pieces, before encoding."""
-        return [p for _, seg in self.dialog_segments(messages, **kwargs) for p in seg]
+        return [p for seg in self.dialog_segments(messages, **kwargs) for p in seg.parts]
 
     def encode_dialog_with_mask(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
+                                train_on: str = "assistant", train_from: int = 0,
                                 **kwargs: Any) -> tuple[list[int], list[bool]]:
-        """ids of a dialog (as encode_dialog_prompt) and a mask that is True on what the assistant wrote.
+        """ids of a dialog (as encode_dialog_prompt) and the SFT loss mask: True on tokens to learn.
 
-        The mask covers each assistant message's content and its closing `<|eot_id|>`/`<|eom_id|>`
-        (so a fine-tuned model learns to stop), never headers, system, user or tool text: the SFT loss
-        mask. Each segment starts at a special token, so encoding per segment gives the same ids.
+        train_on "assistant" (default): each assistant message's content and its closing
+        `<|eot_id|>`/`<|eom_id|>` (so a fine-tuned model learns to stop), never headers, system, user
+        or tool text. "last": only the last assistant message's. "all": every token.
+        train_from: messages before this index are never learned (the prompt of a prompt/completion
+        pair); "all" ignores it. Each segment starts at a special token, so encoding per segment
+        gives the same ids as encoding the whole dialog.
         """
+        if train_on not in TRAIN_ON:
+            raise HerdError(f"unknown train_on '{train_on}'; use one of: {', '.join(TRAIN_ON)}.")
+        segments = self.dialog_segments(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        replies = [s.message for s in segments if s.reply and s.message >= train_from]
+        last = max(replies, default=None)
         ids: list[int] = []
         mask: list[bool] = []
-        for trainable, seg in self.dialog_segments(messages, add_generation_prompt=add_generation_prompt, **kwargs):
-            enc = self._encode_parts(seg)
+        for seg in segments:
+            enc = self._encode_parts(seg.parts)
+            if train_on == "all":
+                learn = True
+            else:
+                learn = seg.reply and seg.message >= train_from and (train_on == "assistant" or seg.message == last)
             ids += enc
-            mask += [trainable] * len(enc)
+            mask += [learn] * len(enc)
         return ids, mask
 
     def dialog_segments(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                         tools: Sequence[Mapping[str, Any]] | None = None,
                         builtin_tools: Sequence[str] | None = None, date_string: str | None = None,
-                        tools_in_user_message: bool = True, bos: bool = True) -> list[tuple[bool, list[int | str]]]:
-        """The dialog as (assistant-written?, parts) segments; parts are special ids and text pieces."""
+                        tools_in_user_message: bool = True, bos: bool = True) -> list[Segment]:
+        """The dialog as segments (message index, assistant-written?, parts), in order."""
         tok = self.tokenizer
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             raise HerdError("a dialog must be a list of {'role': ..., 'content': ...} messages.")
         for i, m in enumerate(messages):
             _role(m, i)
         msgs = list(messages)
-        segments: list[tuple[bool, list[int | str]]] = [(False, [tok.bos_id])] if bos else []
+        segments: list[Segment] = [Segment(-1, False, [tok.bos_id])] if bos else []
 
         def add_message(m: Mapping[str, Any], index: int) -> None:
             parts = self._message_parts(m, builtin_tools, index)
             if m["role"] == "assistant":  # header (4 parts) is prompt; the rest is the reply
-                segments.extend([(False, parts[:4]), (True, parts[4:])])
+                segments.extend([Segment(index, False, parts[:4]), Segment(index, True, parts[4:])])
             else:
-                segments.append((False, parts))
+                segments.append(Segment(index, False, parts))
 
         if self.style == "meta":
             for i, m in enumerate(msgs):
@@ -214,25 +242,26 @@ class ChatFormat:
                 text += ("You have access to the following functions. To call a function, please respond "
                          "with JSON for a function call." + _CUSTOM_TOOLS_PROMPT)
                 text += "".join(_tojson(t, indent=4) + "\n\n" for t in tools)
-            segments.append((False, [*self._header_parts("system"), text + system, tok.eot_id]))
-            offset = len(messages) - len(msgs)
+            offset = len(messages) - len(msgs)  # 1 when messages[0] was the system message
+            segments.append(Segment(0 if offset else -1, False,
+                                    [*self._header_parts("system"), text + system, tok.eot_id]))
             if tools is not None and tools_in_user_message:
                 if not msgs:
                     raise HerdError("custom tools go into the first user message, but the dialog has none; "
                                     "add a user message or pass tools_in_user_message=False.")
                 first = _text(msgs[0].get("content"), offset).strip()
                 msgs = msgs[1:]
-                offset += 1
-                segments.append((False, [
+                segments.append(Segment(offset, False, [
                     *self._header_parts("user"),
                     "Given the following functions, please respond with a JSON for a function call "
                     "with its proper arguments that best answers the given prompt.\n\n"
                     + _CUSTOM_TOOLS_PROMPT + "".join(_tojson(t, indent=4) + "\n\n" for t in tools) + first,
                     tok.eot_id]))
+                offset += 1
             for i, m in enumerate(msgs):
                 add_message(m, offset + i)
         if add_generation_prompt:
-            segments.append((False, self._header_parts("assistant")))
+            segments.append(Segment(-1, False, self._header_parts("assistant")))
         return segments
 
     # -- parsing replies -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-"""Llama 3's pre-tokenization regex (SPEC.md section 3), exactly as in Meta's reference."""
+"""Llama 3's pre-tokenization regex exactly as in Meta's reference."""
 
 OFFICIAL_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
 """sha256 of Meta's Llama 3 / 3.1 / 3.2 tokenizer.model (128,000 ranks)."""

@@ -20,8 +20,11 @@ from herd.train.state import full_model, unwrap
 
 @torch.no_grad()
 def greedy_sample(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
-                  stop_ids: Sequence[int] = ()) -> list[int]:
+                  stop_ids: Sequence[int] = (), temperature: float = 0.0, seed: int | None = None) -> list[int]:
     """Greedy continuation of prompt_ids (new token ids only), ending before the first stop id.
+
+    temperature > 0 samples instead (top-p 0.95, seeded; one process only): a minutes-old model's
+    greedy text loops on its likeliest phrase, a sample shows more of what it learned.
 
     One process: herd's inference Engine (KV cache). Sharded models: a plain full-forward loop
     that every rank runs in lock step (each forward needs all of them). The model's train/eval
@@ -34,7 +37,8 @@ def greedy_sample(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tok
         from herd.inference.sampling import SamplingParams
 
         engine = Engine(unwrap(model), max_batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens)
-        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_tokens=list(stop_ids))
+        params = SamplingParams(temperature=temperature, top_p=0.95, seed=seed, max_new_tokens=max_new_tokens,
+                                stop_tokens=list(stop_ids))
         new = list(engine.generate([list(prompt_ids)], params)[0].tokens)
         del engine
     else:

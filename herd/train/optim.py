@@ -51,10 +51,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
+    from torch.distributed.tensor import DTensor
+
     return isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
 
 

@@ -1,5 +1,5 @@
 """Line-level dedup, Llama 3's rule: drop lines that appear in more than `max_count` documents
-within a bucket of `bucket_docs` consecutive documents (defaults 6 and 30M, SPEC.md section 8).
+within a bucket of `bucket_docs` consecutive documents (defaults 6 and 30M: "The Llama 3 Herd of Models", section 3.1.1).
 
 This removes boilerplate the document-level passes cannot see: navigation menus, cookie
 banners, license headers, "Share this article" lines. Like CCNet's paragraph dedup, every

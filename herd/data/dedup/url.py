@@ -1,7 +1,7 @@
 """URL-level dedup: normalize URLs, hash them, and keep the most recent document per URL.
 
 Llama 3 deduplicates at the URL level first, keeping the most recent version of each page
-(SPEC.md section 8). Normalization makes trivially different spellings of one page collide:
+("The Llama 3 Herd of Models", section 3.1.1). Normalization makes trivially different spellings of one page collide:
 scheme and host lower-cased, "www." and default ports dropped, fragments and tracking parameters
 (utm_*, fbclid, gclid) removed, the remaining query parameters sorted, trailing slashes removed.
 

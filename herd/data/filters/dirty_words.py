@@ -5,7 +5,7 @@ and digits never glue onto a word. The word list is a plain text file, one word 
 line ('#' comments allowed); phrases of up to a few words are matched on consecutive words.
 The default list (dirty_words_en.txt next to this file) is short and English; pass your own
 with `word_list`. Llama 3 used dirty-word counting without publishing its list or threshold
-(SPEC.md section 8); the default `max_fraction` 0.01 (1 word in 100) drops pornographic spam
+("The Llama 3 Herd of Models", section 3.1.1); the default `max_fraction` 0.01 (1 word in 100) drops pornographic spam
 while keeping, e.g., medical text that mentions anatomy once or twice.
 """
 

