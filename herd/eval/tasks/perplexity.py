@@ -71,11 +71,12 @@ def _shard_docs(folder: Path, limit: int) -> tuple[list[PplDoc], str, str]:
     manifest = read_manifest(folder)
     split = "val" if "val" in manifest.get("splits", {}) else "train"
     ds = ShardDataset(folder, split)
-    n = ds.n_documents if not limit else min(limit, ds.n_documents)
+    info = manifest.get("tokenizer", {})
     docs = []
-    for k in range(n):
-        tokens = [int(t) for t in ds.document(k)]
-        info = manifest.get("tokenizer", {})
+    for k, doc in enumerate(ds.documents()):
+        if limit and k >= limit:
+            break
+        tokens = [int(t) for t in doc]
         if tokens and tokens[0] == info.get("bos_id"):
             tokens = tokens[1:]
         if tokens and tokens[-1] == info.get("eos_id"):
