@@ -134,3 +134,30 @@ def test_compare_bad_input_is_one_line(tiny_ckpts, tmp_path, capsys):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
+
+
+def test_reward_model_judge_from_a_reward_checkpoint(tiny_ckpts, tmp_path, capsys):
+    """--judge-kind auto recognises a reward model (LlamaForSequenceClassification, as herd.posttrain
+    saves it) and judges by sigmoid(r_A - r_B), with herd.posttrain's own scorer giving r."""
+    from herd.checkpoint import load_checkpoint
+    from herd.posttrain.reward import RewardModel, load_reward_scorer, save_reward_model
+    from tests.conftest import official_tokenizer_dir
+
+    rm = RewardModel.from_transformer(load_checkpoint(tiny_ckpts / "judge"), std=1.0)
+    save_reward_model(rm, tmp_path / "rm", tokenizer_path=official_tokenizer_dir() / "tokenizer.model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in
+                               (("Say hello.", "chat"), ("Add 2 and 3.", "math"), ("Name a fruit.", "chat"))))
+    out = tmp_path / "out"
+    assert main(["compare", str(tiny_ckpts / "a"), str(tiny_ckpts / "b"), "--prompts", str(prompts), "--judge",
+                 str(tmp_path / "rm"), "--max-new-tokens", "5", "--out", str(out), "--tie-margin", "0"]) == 0
+    assert "judge consistent" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge_kind"] == "reward" and results["categories"]["overall"]["position_consistency"] is None
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    score = load_reward_scorer(tmp_path / "rm")
+    ra = score([p["prompt"] for p in pairs], [p["reply_a"] for p in pairs])
+    rb = score([p["prompt"] for p in pairs], [p["reply_b"] for p in pairs])
+    for p, a, b in zip(pairs, ra, rb):
+        assert p["p_a_better"] == pytest.approx(1 / (1 + math.exp(-(a - b))), abs=1e-6)
+        assert p["outcome"] == ("win" if a > b else "loss" if a < b else "tie")

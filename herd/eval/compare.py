@@ -35,8 +35,9 @@ class CompareConfig:
     """Prompts file: jsonl/json/parquet records with prompt (or messages), optional category and id."""
     judge: str = ""
     """Judge checkpoint folder."""
-    judge_kind: str = "llm"
-    """How the judge decides: llm (a checkpoint asked 'A or B?', scored by its answer-token probabilities)."""
+    judge_kind: str = "auto"
+    """llm (a checkpoint asked 'A or B?', scored by its answer-token probabilities), reward (a reward model,
+    P = sigmoid(r_A - r_B)), or auto (reward for a reward-model checkpoint, else llm)."""
     out: str = "runs/compare"
     """Folder for replies_a.jsonl, replies_b.jsonl, pairs.jsonl and results.json (replies are reused on a re-run)."""
     chat: bool = True
@@ -177,20 +178,24 @@ def summarize(pairs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def run_comparison(checkpoint_a: str, checkpoint_b: str, cfg: CompareConfig, judge=None, dtype: str | None = None,
                    device: str | None = None, log=lambda s: print(s, file=sys.stderr, flush=True)) -> dict[str, Any]:
     """The whole comparison; writes OUT/results.json and OUT/pairs.jsonl and returns the results."""
-    from herd.eval.judge import JUDGES
+    from herd.eval.judge import JUDGES, judge_kind
 
     if cfg.tie_margin < 0 or cfg.tie_margin >= 0.5:
         raise HerdError(f"--tie-margin {cfg.tie_margin} must be in [0, 0.5).")
     if cfg.max_new_tokens < 1:
         raise HerdError(f"--max-new-tokens {cfg.max_new_tokens} must be at least 1.")
     if judge is None:
-        if cfg.judge_kind not in JUDGES:
-            raise HerdError(f"unknown --judge-kind '{cfg.judge_kind}'; choose one of: {', '.join(JUDGES)}.")
+        if cfg.judge_kind != "auto" and cfg.judge_kind not in JUDGES:
+            raise HerdError(f"unknown --judge-kind '{cfg.judge_kind}'; choose auto or one of: {', '.join(JUDGES)}.")
         if not cfg.judge:
-            raise HerdError("no judge given; pass --judge CKPT (a chat checkpoint that answers 'A' or 'B').")
+            raise HerdError("no judge given; pass --judge CKPT (a chat checkpoint that answers 'A' or 'B', or a "
+                            "reward model).")
+        if not Path(cfg.judge).exists():
+            raise HerdError(f"judge checkpoint {cfg.judge} does not exist; pass a checkpoint folder to --judge.")
     prompts = read_prompts(cfg.prompts, cfg.limit)
     if judge is None:
-        judge = JUDGES[cfg.judge_kind](cfg.judge, dtype=dtype, device=device)
+        kind = judge_kind(cfg.judge) if cfg.judge_kind == "auto" else cfg.judge_kind
+        judge = JUDGES[kind](cfg.judge, dtype=dtype, device=device)
     out = Path(cfg.out)
     replies_a = cached_replies(out / "replies_a.json", checkpoint_a, prompts, cfg, log, dtype=dtype, device=device)
     replies_b = cached_replies(out / "replies_b.json", checkpoint_b, prompts, cfg, log, dtype=dtype, device=device)

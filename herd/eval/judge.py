@@ -11,9 +11,10 @@ compare` asks it both ways and averages P(A better) = (p(A, B) + 1 - p(B, A)) / 
 constant position preference. A reward model scores each reply alone, so one order is enough
 (`order_sensitive = False`).
 
-New judges plug in through JUDGES: name -> factory(path, **options) -> Judge. The reward-model
-checkpoints of `herd reward` (issue 11) register there as "reward" by wrapping their scoring
-function in RewardModelJudge.
+New judges plug in through JUDGES: name -> factory(path, **options) -> Judge. "reward" wraps a
+reward-model checkpoint (transformers' LlamaForSequenceClassification, as herd.posttrain.reward
+saves them) in RewardModelJudge, with herd.posttrain's scorer as r; `judge_kind` tells the two kinds
+of checkpoint apart.
 """
 
 from __future__ import annotations
@@ -122,5 +123,19 @@ def _llm_judge(path: str, tokenizer: str | None = None, dtype: str | None = None
     return LLMJudge(model, tok, chat=chat)
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {"llm": _llm_judge}
+def _reward_judge(path: str, dtype: str | None = None, device: str | None = None, **_: Any) -> Judge:
+    from herd.eval.loading import pick_device
+    from herd.posttrain.reward import load_reward_scorer
+
+    return RewardModelJudge(load_reward_scorer(path, dtype=dtype, device=pick_device(device)))
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {"llm": _llm_judge, "reward": _reward_judge}
 """Judge kinds for `herd compare --judge-kind`: name -> factory(checkpoint path, **options)."""
+
+
+def judge_kind(path: str) -> str:
+    """'reward' for a reward-model checkpoint (a sequence-classification config), else 'llm'."""
+    from herd.posttrain.reward import is_reward_model
+
+    return "reward" if is_reward_model(path) else "llm"
