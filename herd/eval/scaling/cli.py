@@ -30,9 +30,9 @@ def add_scaling_args(parser: argparse.ArgumentParser) -> None:
                        ("plot", "draw the IsoFLOP curves and fits as a PNG")):
         p = sub.add_parser(name, help=help, formatter_class=HelpFormatter)
         p.add_argument("runs", type=Path, help="a sweep folder, or a jsonl file of {budget, params, tokens, loss} runs")
-        p.add_argument("--predict", default="", help="budgets (FLOPs) to predict the optimum for, comma-separated")
-        p.add_argument("--task", default="", help="downstream task evaluated in the sweep (--eval-tasks) to fit; "
-                                                  "default: the first one found")
+        p.add_argument("--predict", default=None, help="budgets (FLOPs) to predict the optimum for, comma-separated")
+        p.add_argument("--task", default=None, help="downstream task evaluated in the sweep (--eval-tasks) to fit; "
+                                                    "default: the first one found")
         p.add_argument("--metric", default="acc", help="accuracy metric of that task")
         p.add_argument("--chance", type=float, default=0.25, help="accuracy floor of the sigmoid (1 / choices)")
         add_bool_flag(p, "--free-sigmoid", default=False,
@@ -41,10 +41,10 @@ def add_scaling_args(parser: argparse.ArgumentParser) -> None:
                        help="output file (default: RUNS/fit.json or RUNS/scaling.png beside the sweep)")
 
 
-def _budgets(text: str) -> list[float]:
+def _budgets(text: str | None) -> list[float]:
     from herd.eval.scaling.sweep import _floats
 
-    return _floats(text, "--predict") if text.strip() else []
+    return _floats(text, "--predict") if text and text.strip() else []
 
 
 def analyze(ns: argparse.Namespace) -> dict[str, Any]:
