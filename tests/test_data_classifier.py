@@ -126,23 +126,25 @@ def _parse(add, argv):
 
 
 def test_cli_train_and_score(tmp_path, corpus, capsys):
-    _, prose = corpus
+    # prose against code: a task bag-of-words separates with a wide margin, so the kept half is the same on
+    # every CPU (prose against word salad at lr 0.5 x 50 epochs saturated to all-zero scores on one machine)
+    code, prose = corpus
     pos, neg = tmp_path / "pos", tmp_path / "neg"
     pos.mkdir()
     neg.mkdir()
     for i, t in enumerate(prose[:150]):
         (pos / f"{i}.txt").write_text(t)
     with open(neg / "web.jsonl", "w") as f:
-        for t in word_salad(prose, 150, seed=1):
+        for t in code[:150]:
             f.write(json.dumps({"text": t}) + "\n")
     model = tmp_path / "m" / "hq.bin"
     assert run_train_classifier(_parse(add_train_classifier_args, [
-        "--positive", str(pos), "--negative", str(neg), "--output", str(model), "--epoch", "50", "--lr", "0.5"])) == 0
+        "--positive", str(pos), "--negative", str(neg), "--output", str(model), "--epoch", "25", "--lr", "0.5"])) == 0
     assert model.is_file() and "held-out accuracy" in capsys.readouterr().out
 
     to_score = tmp_path / "score.jsonl"
     with open(to_score, "w") as f:
-        for i, t in enumerate(prose[150:170] + word_salad(prose, 20, seed=2)):
+        for i, t in enumerate(prose[150:170] + code[150:170]):
             f.write(json.dumps({"text": t, "id": f"d{i}"}) + "\n")
         f.write("{not json\n")
     out = tmp_path / "kept.jsonl.gz"
@@ -155,11 +157,11 @@ def test_cli_train_and_score(tmp_path, corpus, capsys):
     assert len(kept) == 20
     # keep-top semantics: every kept document scores at least as high as every other one
     clf = FastTextClassifier(model)
-    texts = prose[150:170] + word_salad(prose, 20, seed=2)
+    texts = prose[150:170] + code[150:170]
     kept_ids = {r["id"] for r in kept}
     other = [clf.score(t, "hq") for i, t in enumerate(texts) if f"d{i}" not in kept_ids]
     assert min(r["metadata"]["quality_score"] for r in kept) >= max(other) - 1e-5
-    assert sum(int(r["id"][1:]) < 20 for r in kept) >= 13  # mostly the real prose (chance: 10)
+    assert sum(int(r["id"][1:]) < 20 for r in kept) >= 18  # the prose (chance: 10)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(HerdError, match="no label"):
         run_score(_parse(add_score_args, ["--model", str(model), "--input", str(to_score), "--output", str(out),
