@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("herd.tokenizer.cli:tokenizer", "train, encode, decode and measure tokenizers"),
     "data": ("herd.data.cli:data", "the pre-training data pipeline: filter, dedup, mix, pack"),
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
+    "sft": ("herd.posttrain.cli:sft", "supervised fine-tuning (full or LoRA) of a checkpoint on chat data"),
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
 }
 

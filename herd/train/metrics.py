@@ -36,11 +36,17 @@ GPU_PEAK_BF16 = {
 }
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (non-embedding params + output params) + 12 * L * H * D * S."""
+def flops_per_token(args: ModelArgs, seq_len: int, frozen_weights: bool = False) -> float:
+    """Training FLOPs per token: 6 * (non-embedding params + output params) + 12 * L * H * D * S.
+
+    frozen_weights (LoRA): the weight matrices get no gradient, so backward does one matmul per
+    weight (the input gradient) instead of two: 4 instead of 6 per parameter. The adapters'
+    own FLOPs (rank r << dim) are left out.
+    """
     non_embedding = args.num_params(exclude_embeddings=True) - (0 if args.tie_embeddings else args.vocab_size * args.dim)
     output = args.vocab_size * args.dim
-    return 6.0 * (non_embedding + output) + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    per_param = 4.0 if frozen_weights else 6.0
+    return per_param * (non_embedding + output) + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
 def measure_cpu_peak_flops(n: int = 1024, seconds: float = 0.5) -> float:
