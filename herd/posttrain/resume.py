@@ -1,7 +1,8 @@
 """Resumable state of a post-training run: where to start, what must match, save and restore.
 
     resume_from = resume_point(cfg)                       # None: fresh start (refuses to clobber a run)
-    saved = check_resumable(resume_from, cfg, args, data=fingerprint)   # before building anything
+    saved = check_resumable(resume_from, cfg, args, tokenizer_sha256=tok.sha256)   # before building anything
+    check_fingerprints(saved, resume_from, data_sha256=fingerprint)                   # once the data is read
     ... build model + optimizer ...
     saved = restore(resume_from, model, optimizer, cfg)   # model/optimizer/RNG; saved["loader"] etc.
     save(cfg, step, model, optimizer, {"loader": ..., ...})
@@ -48,7 +49,8 @@ def resume_point(cfg: FinetuneConfig) -> Path | None:
 def check_resumable(ckpt: Path | None, cfg: FinetuneConfig, args: ModelArgs, **fingerprints: str) -> dict[str, Any]:
     """The checkpoint's train_state.json after checking it fits this run; {} for a fresh start.
 
-    fingerprints: values the run saved under the same names (data sha256, tokenizer sha256, ...).
+    fingerprints: values the run saved under the same names (tokenizer sha256, ...); more can be
+    checked later with check_fingerprints (the data's, once it is rendered).
     """
     if ckpt is None:
         return {}
@@ -60,12 +62,17 @@ def check_resumable(ckpt: Path | None, cfg: FinetuneConfig, args: ModelArgs, **f
             raise HerdError(f"{ckpt} was trained with --{key.replace('_', '-')} {old[key]} but this run has "
                             f"{getattr(cfg, key)}; resume with the run's settings (leave the flag out) or start "
                             "a new --out.")
+    check_fingerprints(saved, ckpt, **fingerprints)
+    return saved
+
+
+def check_fingerprints(saved: dict[str, Any], ckpt: Path | None, **fingerprints: str) -> None:
+    """HerdError when a value the checkpoint saved (data sha256, ...) differs from this run's."""
     for key, value in fingerprints.items():
         if saved.get(key) and saved[key] != value:
             what = key.removesuffix("_sha256").replace("_", " ")
             raise HerdError(f"the {what} differs from the one {ckpt} was trained on (sha256 {value[:12]}... vs "
                             f"{saved[key][:12]}...); resume with the same --data and settings, or start a new --out.")
-    return saved
 
 
 def save(cfg: FinetuneConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

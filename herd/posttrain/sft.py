@@ -64,9 +64,10 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer_for(cfg.init_from, cfg.tokenizer or None, args.vocab_size)
     tokenizer_path = cfg.tokenizer or _stored_tokenizer(cfg.init_from)
     resume_from = resume.resume_point(cfg)
+    saved = resume.check_resumable(resume_from, cfg, args, tokenizer_sha256=tokenizer.sha256)
     data = build_sft_data(cfg.data_config(), tokenizer, progress=is_main())
     fingerprint = data.train.fingerprint()
-    saved = resume.check_resumable(resume_from, cfg, args, data_sha256=fingerprint, tokenizer_sha256=tokenizer.sha256)
+    resume.check_fingerprints(saved, resume_from, data_sha256=fingerprint)
     rows = SFTRows(data.train, cfg.max_seq_len, cfg.packing)
     val_rows = SFTRows(data.val, cfg.max_seq_len, cfg.packing) if len(data.val) else None
     total = int(saved.get("total_steps", 0)) or cfg.total_steps(len(rows))
@@ -81,6 +82,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                         activation_checkpointing=cfg.activation_checkpointing,
                         mixed_precision=precision if dp_size > 1 else "fp32")
     model.train()
+    torch.manual_seed(cfg.seed + info.rank)  # LoRA dropout masks: the same run twice (a resume restores the state)
     optimizer = build_optimizer(model, cfg)
     loader = SFTBatchLoader(rows, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, pad_id=tokenizer.pad_id)
     guard = SpikeGuard(cfg.spike_factor, cfg.nan_policy, cfg.max_skips)
