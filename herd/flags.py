@@ -19,6 +19,8 @@ import types
 import typing
 from typing import Any
 
+from herd.errors import HerdError
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default once: not when the help already states one, and not for None or store_true."""
@@ -94,7 +96,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         tp, _ = _base_type(hints[f.name])
         default = field_default(f)
         shown = "''" if default == "" else default
-        help_text = (docs.get(f.name, "") + f" (default: {shown})").strip()
+        doc = docs.get(f.name, "")
+        # the default once: not when the docstring already says it, and not for an unset (None) one
+        said = "default:" in doc.lower() or default is None
+        help_text = (doc if said else doc + f" (default: {shown})").strip()
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             add_bool_flag(target, flag, help_text)
@@ -115,7 +120,12 @@ def set_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         tp, _ = _base_type(hints[f.name])
         if isinstance(value, str) and typing.get_origin(tp) in (list, tuple):
             (elem,) = typing.get_args(tp)[:1]
-            value = [elem(v) for v in value.split(",") if v]
+            try:
+                value = [elem(v.strip()) for v in value.split(",") if v.strip()]
+            except ValueError:
+                flag = "--" + f.name.replace("_", "-")
+                raise HerdError(f"{flag} takes comma-separated {elem.__name__} values, e.g. {flag} "
+                                f"{'128001,128009' if elem is int else 'a,b'}; got '{value}'.") from None
         values[f.name] = value
     return values
 

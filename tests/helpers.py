@@ -4,6 +4,7 @@ training configs, chat records and a tiny chat checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def make_shards(out, n_docs=120, vocab=256, seed=0, sha="a" * 64, shard_tokens=1
 def config(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(preset="herd-1m", data=str(data), out=str(out), steps=STEPS, batch_size=4, seq_len=32,
                 lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=1, checkpoint_every=0, log_every=100,
-                tensorboard=False, peak_tflops=1.0, seed=1)
+                tensorboard=False, peak_tflops=1.0, seed=1,
+                # a fixed count (conftest's), not --threads 0's pick for the current load: float
+                # sums depend on the thread count, and comparisons between runs must not
+                threads=min(2, os.cpu_count() or 1))
     return TrainConfig(**{**base, **kw})
 
 

@@ -347,3 +347,32 @@ def test_load_to_gpu_in_bf16(tmp_path, fmt, shards):
     tokens = _tokens()
     with torch.no_grad():  # bf16 vs fp32: ~0.04 max error on logits of size ~3 on CPU
         torch.testing.assert_close(gpu(tokens.cuda()).cpu(), model(tokens), atol=0.15, rtol=0.05)
+
+
+def test_killed_convert_leaves_a_temp_folder_that_the_next_run_removes(tmp_path):
+    """SIGKILL a real `herd convert` while it writes: the destination never appears half-written, and
+    the hidden temp folder the dead process left is removed by the next convert to that destination."""
+    import signal
+    import time
+
+    from herd.cli import main
+
+    # ~10M parameters (40 MB in fp32): writing takes long enough to be caught mid-way
+    assert main(["init", "herd-1m", str(tmp_path / "src"), "--dim", "256", "--n-layers", "2", "--vocab-size",
+                 "32000", "--max-seq-len", "64"]) == 0
+    exe = shutil.which("herd")
+    cmd = [exe] if exe else [sys.executable, "-m", "herd"]
+    proc = subprocess.Popen([*cmd, "convert", "src", "dst", "--format", "hf"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".dst.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stale = list(tmp_path.glob(".dst.tmp-*"))
+    assert stale, "convert finished before it could be killed; make the test model larger"
+    assert not (tmp_path / "dst").exists()
+    result = _herd("convert", "src", "dst", "--format", "hf", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not any(p.exists() for p in stale) and not list(tmp_path.glob(".dst.*"))
+    assert (tmp_path / "dst" / "config.json").is_file()

@@ -3,6 +3,7 @@ with correct boundaries; training windows come from memmaps; domain mixing hits 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -217,3 +218,89 @@ def test_pack_documents_round_trip(tmp_path, enc):
     assert decoded["val"] == [texts[int(i[1:])] for i in val_ids]
     assert decoded["train"] == [t for i, t in enumerate(texts) if f"d{i}" not in val_ids]  # no mix: input order
     assert not (tmp_path / "work").exists()
+
+
+def _herd_cli(*argv: str, cwd: Path | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "herd", *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_pack_missing_input_leaves_nothing(tmp_path):
+    out = tmp_path / "shards"
+    r = _herd_cli("data", "pack", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out),
+                  "--tokenizer", str(official_tokenizer_dir() / "tokenizer.model"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herd: error:") and "nope.jsonl" in lines[0], r.stderr
+    leftovers = [p for p in tmp_path.rglob("*") if p.name != "nope.jsonl"]
+    assert leftovers == [], leftovers  # no .npy.tmp, no work/ folder, no empty output folder
+
+
+def test_tokenizer_is_found_from_anywhere_and_checked(tmp_path, monkeypatch):
+    """Shards made with a relative tokenizer path stay usable from another folder: the manifest
+    records an absolute path and the sha256, and a copy of the tokenizer sits beside the shards."""
+    from herd.data.shards import find_tokenizer
+
+    src = official_tokenizer_dir() / "tokenizer.model"
+    made_in = tmp_path / "made_in"
+    made_in.mkdir()
+    (made_in / "tok.model").write_bytes(src.read_bytes())
+    monkeypatch.chdir(made_in)
+    docs = [Document(text=t, id=f"d{i}", metadata={}) for i, t in enumerate(_texts(10))]
+    pack_documents(iter(docs), "shards", "tok.model", val_fraction=0.0)
+    monkeypatch.chdir(tmp_path)
+    shards = made_in / "shards"
+    rec = read_manifest(shards)["tokenizer"]
+    assert Path(rec["path"]).is_absolute() and rec["path"] == str(made_in / "tok.model")
+    assert file_sha256(shards / "tokenizer.model") == file_sha256(src) == rec["sha256"]
+    assert find_tokenizer(shards) == shards / "tokenizer.model"
+    (shards / "tokenizer.model").unlink()  # no copy: the recorded absolute path works from any folder
+    assert find_tokenizer(shards) == made_in / "tok.model"
+    (made_in / "tok.model").write_bytes(b"changed")  # the file at the path is no longer the one used
+    with pytest.raises(HerdError, match="neither beside the shards"):
+        find_tokenizer(shards)
+    with pytest.raises(HerdError, match="is not the tokenizer the shards"):
+        find_tokenizer(shards, override=made_in / "tok.model")
+    assert find_tokenizer(shards, override=src) == src
+
+
+def test_pretrain_from_another_folder_keeps_the_tokenizer(tmp_path, monkeypatch):
+    """Old manifests stored the tokenizer path relative to where the data was made; a run from
+    elsewhere silently dropped the tokenizer. Now the copy beside the shards is found, the export
+    carries it, and a run whose tokenizer cannot be found stops with one line."""
+    from herd.train.config import TrainConfig
+    from herd.train.loop import pretrain
+
+    made_in = tmp_path / "made_in"
+    made_in.mkdir()
+    (made_in / "tok.model").write_bytes((official_tokenizer_dir() / "tokenizer.model").read_bytes())
+    monkeypatch.chdir(made_in)
+    docs = [Document(text=t, id=f"d{i}", metadata={}) for i, t in enumerate(_texts(80))]
+    pack_documents(iter(docs), "shards", "tok.model", val_fraction=0.0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from herd.configs import PRESETS
+
+    # a tiny model with the official 128K vocabulary (the tokenizer these shards were made with)
+    monkeypatch.setitem(PRESETS, "tiny-128k", dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=128256,
+                                                   multiple_of=16, max_seq_len=64, tie_embeddings=True))
+    cfg = dict(preset="tiny-128k", data=str(made_in / "shards"), out="run", steps=2, batch_size=2, seq_len=16,
+               eval_every=0, eval_batches=0, sample_tokens=4, checkpoint_every=0, tensorboard=False, threads=1)
+    summary = pretrain(TrainConfig(**cfg))
+    assert "sample" in summary  # the tokenizer was found: samples and a tokenizer in final/
+    assert file_sha256(elsewhere / "run" / "final" / "tokenizer.model") == read_manifest(made_in / "shards")["tokenizer"]["sha256"]
+    # the old manifest form: a relative path, no copy beside the shards -> one clear error, nothing trained
+    manifest_path = made_in / "shards" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["path"] = "tok.model"
+    del manifest["tokenizer"]["copy"]
+    manifest_path.write_text(json.dumps(manifest))
+    (made_in / "shards" / "tokenizer.model").unlink()
+    with pytest.raises(HerdError, match="tokenizer the shards .* were made with"):
+        pretrain(TrainConfig(**{**cfg, "out": "run2"}))
+    assert not (elsewhere / "run2").exists()
+    monkeypatch.chdir(made_in)  # from the folder the data was made in, the relative path still resolves
+    assert pretrain(TrainConfig(**{**cfg, "out": str(elsewhere / "run3")})).get("sample") is not None

@@ -56,6 +56,7 @@ def quality_model(inputs, tmp_path_factory) -> str:
     texts = []
     for f in sorted(Path(inputs[0]).glob("general-*.jsonl")):
         texts += [json.loads(line)["text"][:2000] for line in f.read_text(encoding="utf-8").splitlines()]
+    texts = [t for t in texts if len(t.split()) >= 30]  # a few-word snippet can look like gibberish
     examples = []
     for t in texts:
         gibberish = " ".join("".join(rng.choice("etaoinshrdlu") for _ in range(rng.randint(2, 8)))

@@ -98,6 +98,9 @@ def test_chat_reads_piped_stdin_and_resets(setup):
     (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
     (["--prompt", "x", "--top-p", "1.5"], "top_p must be in"),
     (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--prompt", "x", "--stop-tokens", "eot"], "--stop-tokens takes comma-separated int values"),
+    (["--prompt", "x", "--stop-tokens", "128009,999999"], "--stop-tokens 999999 are not token ids"),
+    (["--prompt", "x", "--stop-tokens", "-1"], "--stop-tokens -1 are not token ids"),
 ])
 def test_bad_generate_input_exits_2_with_one_line(setup, capsys, extra, message):
     path, _, _ = setup
@@ -115,3 +118,26 @@ def test_missing_checkpoint_and_wrong_tokenizer(tmp_path, setup, capsys, officia
     code = main(["generate", "--checkpoint", str(tmp_path / "small"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("herd: error: the tokenizer has 128256 tokens but the model only 300")
+
+
+def test_max_seq_len_is_clamped_to_the_model_context(setup, capsys, monkeypatch):
+    """--max-seq-len 100000 on a 256-context model allocated a 100000-slot KV cache (20 GB for a
+    512-context model); now the cache is the model's context and the user is told."""
+    from herd.inference import cli as inference_cli
+
+    sizes = []
+    real = inference_cli.Engine
+
+    def spy(model, **kw):
+        sizes.append(kw["max_seq_len"])
+        return real(model, **kw)
+
+    monkeypatch.setattr(inference_cli, "Engine", spy)
+    path, model, tok = setup
+    code = main(["generate", "--checkpoint", str(path), "--prompt", "Hello", "--max-new-tokens", "4",
+                 "--temperature", "0", "--max-seq-len", "100000"])
+    out = capsys.readouterr()
+    assert code == 0 and sizes == [256]
+    assert "--max-seq-len 100000 is longer than the model's context of 256" in out.err
+    _, want = greedy_text(model, tok, tok.encode("Hello", bos=True), 4)
+    assert out.out == want + "\n"

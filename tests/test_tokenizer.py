@@ -283,7 +283,7 @@ def test_cli_encode_decode_and_errors(official_tokenizer_model, capsys, monkeypa
     assert main(["tokenizer", "encode", "--tokenizer", path, "--text", "Hello, world!"]) == 0
     assert capsys.readouterr().out.split() == ["9906", "11", "1917", "0"]
     assert main(["tokenizer", "decode", "--tokenizer", path, "9906", "11", "1917", "0"]) == 0
-    assert capsys.readouterr().out == "Hello, world!"
+    assert capsys.readouterr().out == "Hello, world!\n"  # a line also when piped (not a tty)
     assert main(["tokenizer", "encode", "--tokenizer", path, "--allow-special", "--format", "json",
                  "--text", "<|eot_id|>"]) == 0
     assert json.loads(capsys.readouterr().out) == [128009]

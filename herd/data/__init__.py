@@ -43,6 +43,7 @@ _EXPORTS = {
     "check_tokenizer": "herd.data.shards",
     "read_manifest": "herd.data.shards",
     "tokenizer_info": "herd.data.shards",
+    "find_tokenizer": "herd.data.shards",
     "plan_mix": "herd.data.mix",
     "AssignDomain": "herd.data.mix",
     "pack_documents": "herd.data.pack",

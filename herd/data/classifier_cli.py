@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-from pathlib import Path
 from typing import Any, Iterator
 
 from tqdm import tqdm
@@ -25,6 +23,7 @@ from herd.flags import add_dataclass_args, dataclass_from_args
 from herd.data.filters.quality import ClassifierTrainConfig, FastTextClassifier, top_fraction_threshold, train_classifier
 from herd.data.readers import iter_documents
 from herd.errors import HerdError
+from herd.fileio import atomic_open
 
 
 def add_train_classifier_args(parser: argparse.ArgumentParser) -> None:
@@ -91,15 +90,11 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
 
 def _write_jsonl(path: str, records: Iterator[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename); gzip when the name ends in .gz. Returns the count."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    opener = gzip.open if path.endswith(".gz") else open
     n = 0
-    with opener(tmp, "wt", encoding="utf-8") as f:
+    with atomic_open(path, "wt", opener=gzip.open if path.endswith(".gz") else open) as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

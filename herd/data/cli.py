@@ -90,6 +90,9 @@ def _pack(args: argparse.Namespace) -> int:
     from herd.data.pack import pack_documents
     from herd.data.readers import iter_documents
 
+    for p in args.input:  # before anything is written: a missing input leaves no output behind
+        if not Path(p).exists():
+            raise HerdError(f"input {p} does not exist; pass existing files or folders of clean documents.")
     weights = None if args.mix.strip().lower() in ("", "none") else parse_weights(args.mix)
     rules = parse_rules(args.domain_rules)
 
@@ -106,7 +109,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from herd.data.pack import load_tokenizer
-    from herd.data.shards import ShardDataset, check_tokenizer, read_manifest
+    from herd.data.shards import ShardDataset, check_tokenizer, find_tokenizer, read_manifest
 
     manifest = read_manifest(args.dir)
     tok = manifest["tokenizer"]
@@ -121,7 +124,10 @@ def _inspect(args: argparse.Namespace) -> int:
     n = ds.num_windows(args.seq_len)
     print(f"  {args.split}: {n:,} windows of {args.seq_len} tokens")
     if args.window >= 0 and n:
-        tokenizer = load_tokenizer(args.tokenizer or tok["path"])
+        path = find_tokenizer(args.dir, manifest, args.tokenizer)
+        if path is None:
+            raise HerdError(f"the shards in {args.dir} record no tokenizer; pass --tokenizer to decode a window.")
+        tokenizer = load_tokenizer(path)
         check_tokenizer(manifest, tokenizer)
         x, _, docs = ds.get(args.window, args.seq_len)
         print(f"window {args.window} (document ids {docs.min()}..{docs.max()}):")

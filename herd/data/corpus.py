@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from herd.errors import HerdError
+from herd.fileio import atomic_open
 
 # share of max_mb each domain may take (close to Llama 3's mix; the pipeline re-balances by tokens)
 DOMAIN_BUDGET = {"general": 0.40, "math": 0.25, "code": 0.25, "multilingual": 0.10}
@@ -178,10 +179,8 @@ def build_local_corpus(out_dir: str | os.PathLike, max_mb: float = 20.0, file_mb
         def flush() -> None:
             nonlocal k, batch_bytes
             path = out / f"{domain}-{k:03d}.jsonl"
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_open(path, "w") as f:
                 f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in batch)
-            os.replace(tmp, path)
             written.append(path)
             batch.clear()
             batch_bytes = 0

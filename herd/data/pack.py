@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,8 +28,9 @@ from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
 from herd.data.mix import plan_mix
-from herd.data.shards import MANIFEST, ShardWriter, read_manifest, tokenizer_info
+from herd.data.shards import MANIFEST, ShardWriter, copy_tokenizer, read_manifest, tokenizer_info
 from herd.errors import HerdError
+from herd.fileio import atomic_open, atomic_write
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -64,9 +66,9 @@ class TokenizeDocuments(PipelineStep):
         tok = load_tokenizer(self.tokenizer_path)
         out = self.folder / "tokens"
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{rank:05d}.npy.tmp"
         lengths, domains, val, batch = [], [], [], []
-        with open(tmp, "wb") as f:
+        # tokens then metadata, each atomically; the metadata file marks the task's output complete
+        with atomic_open(out / f"{rank:05d}.tokens", "wb") as f:
             def flush():
                 for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch], num_threads=1)):
                     arr = np.asarray(ids, dtype=np.uint32)
@@ -88,12 +90,9 @@ class TokenizeDocuments(PipelineStep):
                 yield doc
             with self.track_time("batch"):
                 flush()
-        os.replace(tmp, out / f"{rank:05d}.tokens")
-        meta = out / f"{rank:05d}.meta.npz.tmp"
-        with open(meta, "wb") as f:
+        with atomic_open(out / f"{rank:05d}.meta.npz", "wb") as f:
             np.savez(f, lengths=np.array(lengths, dtype=np.int64), domains=np.array(domains, dtype=str),
                      val=np.array(val, dtype=bool))
-        os.replace(meta, out / f"{rank:05d}.meta.npz")
 
 
 def pack_token_files(folder: str | os.PathLike, n_ranks: int, out_dir: str | os.PathLike, info: dict[str, Any],
@@ -138,9 +137,8 @@ def pack_token_files(folder: str | os.PathLike, n_ranks: int, out_dir: str | os.
     # the mix report rides along in the manifest (one more read-modify-write, still atomic)
     manifest = read_manifest(out_dir)
     manifest["mix"] = mix_report
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    manifest["tokenizer"] = copy_tokenizer(out_dir, manifest["tokenizer"])
+    atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return out_dir / MANIFEST
 
 
@@ -174,14 +172,12 @@ def pack_documents(docs: Iterable[Document], out_dir: str | os.PathLike, tokeniz
                    max_repeat: float = 4.0, shard_tokens: int = 1 << 26) -> Path:
     """Pack already-clean documents in this process (no executor): tokenize, split, mix, write shards."""
     out_dir = Path(out_dir)
-    work = out_dir / "work"
-    step = TokenizeDocuments(str(work), str(tokenizer_path), val_fraction, seed)
-    for _ in tqdm(step.run(iter(docs), 0, 1), desc="tokenize", unit="doc"):
-        pass
-    path = pack_token_files(work, 1, out_dir, tokenizer_info(load_tokenizer(tokenizer_path)), weights, seed,
-                            max_repeat, shard_tokens)
-    for p in (work / "tokens").iterdir():
-        p.unlink()
-    (work / "tokens").rmdir()
-    work.rmdir()
-    return path
+    tok = load_tokenizer(tokenizer_path)  # a missing tokenizer fails before anything is written
+    work = out_dir / f".pack-work-{os.getpid()}"
+    try:
+        step = TokenizeDocuments(str(work), str(tokenizer_path), val_fraction, seed)
+        for _ in tqdm(step.run(iter(docs), 0, 1), desc="tokenize", unit="doc"):
+            pass
+        return pack_token_files(work, 1, out_dir, tokenizer_info(tok), weights, seed, max_repeat, shard_tokens)
+    finally:  # the intermediate token files go whether packing finished or failed
+        shutil.rmtree(work, ignore_errors=True)

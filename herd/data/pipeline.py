@@ -34,7 +34,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from herd.data.mix import DEFAULT_WEIGHTS, AssignDomain, Bypass, parse_weights
+from herd.data.runtime import executor_runtime
 from herd.errors import HerdError
+from herd.fileio import atomic_write
+
+STAGES_FILE = "stages.json"
 
 
 @dataclass
@@ -107,6 +111,8 @@ class DataConfig:
     """Slurm partition (executor slurm)."""
     slurm_time: str = "24:00:00"
     """Slurm time limit per task (executor slurm)."""
+    verbose: bool = False
+    """Show datatrove's own log lines on the console (otherwise they go to OUT/work/datatrove.log)."""
 
 
 @dataclass
@@ -277,22 +283,38 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], output_dir: str | os.PathL
                 cfg.max_repeat, cfg.shard_tokens)]),
         ]
     (work).mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps({"inputs": inputs, "tokenizer": str(tokenizer_path or ""),
-                                                  "config": fields}, indent=1))
+    atomic_write(work / "config.json", json.dumps({"inputs": inputs, "tokenizer": str(tokenizer_path or ""),
+                                                   "config": fields}, indent=1))
+    # this run's stages, for `herd data report OUT` (work/ may also hold stages of other options)
+    atomic_write(work / STAGES_FILE, json.dumps([[name, str(folder)] for name, folder, _, _ in stages], indent=1))
+    log_file = None if cfg.verbose else work / "datatrove.log"
+    if log_file is not None:
+        log(f"datatrove's log lines go to {log_file} (--verbose shows them here)")
     previous = None
-    for i, (name, folder, tasks, build) in enumerate(stages, 1):
-        folder.mkdir(parents=True, exist_ok=True)
-        done = len(list((folder / "logs" / "completions").glob("*"))) if (folder / "logs" / "completions").is_dir() else 0
-        t0 = time.time()
-        log(f"[{i}/{len(stages)}] {name}: {tasks} task(s)" + (f", {done} already done" if done else "") + f" -> {folder}")
-        executor = _executor(cfg, build(folder), tasks, folder / "logs", name, previous)
-        if cfg.executor == "local":
-            executor.run()
-            log(f"[{i}/{len(stages)}] {name} finished in {time.time() - t0:.1f} s")
-        previous = executor
-    if cfg.executor != "local":
-        previous.run()  # submits / runs the whole dependency chain
-        return PipelineResult(out, None, None, None, {}, time.time() - start)
+    ran: list[tuple[str, Path]] = []
+    with executor_runtime(log_file):
+        for i, (name, folder, tasks, build) in enumerate(stages, 1):
+            folder.mkdir(parents=True, exist_ok=True)
+            done = len(list((folder / "logs" / "completions").glob("*"))) if (folder / "logs" / "completions").is_dir() else 0
+            t0 = time.time()
+            log(f"[{i}/{len(stages)}] {name}: {tasks} task(s)" + (f", {done} already done" if done else "") + f" -> {folder}")
+            executor = _executor(cfg, build(folder), tasks, folder / "logs", name, previous)
+            ran.append((name, folder))
+            if cfg.executor == "local":
+                try:
+                    executor.run()
+                except Exception as e:  # the report of what ran so far is written before failing
+                    report = write_pipeline_report(out, ran, cfg.examples)
+                    what = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                    if not isinstance(e, HerdError):
+                        what = f"{type(e).__name__}: {what}; the task logs in {folder / 'logs'} have the details"
+                    raise HerdError(f"the {name} stage failed: {what.rstrip('.')} (report of the stages so far: "
+                                    f"{report}).") from None
+                log(f"[{i}/{len(stages)}] {name} finished in {time.time() - t0:.1f} s")
+            previous = executor
+        if cfg.executor != "local":
+            previous.run()  # submits / runs the whole dependency chain
+            return PipelineResult(out, None, None, None, {}, time.time() - start)
     stats = {name: stage_stats(folder / "logs") for name, folder, _, _ in stages}
     manifest = out / "manifest.json" if tokenizer_path is not None else None
     clean = work / f"dedup-{k_dedup}"
@@ -300,7 +322,8 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], output_dir: str | os.PathL
     return PipelineResult(out, clean, manifest, report, stats, time.time() - start)
 
 
-def write_pipeline_report(out: Path, stages: list[tuple[str, Path]], n_examples: int = 3) -> Path:
+def write_pipeline_report(out: Path, stages: list[tuple[str, Path]], n_examples: int = 3,
+                          report_dir: Path | None = None) -> Path:
     """OUT/report/report.md (+ report.json, plots) through herd.data.report, for this run's stages only.
 
     The report reads a folder of datatrove logging dirs; OUT/work may also hold stages of earlier
@@ -310,15 +333,15 @@ def write_pipeline_report(out: Path, stages: list[tuple[str, Path]], n_examples:
     """
     from herd.data.report import write_report
 
-    report_dir = out / "report"
+    report_dir = Path(report_dir) if report_dir is not None else out / "report"
     staging = report_dir / "stages"
     if staging.exists():
         shutil.rmtree(staging)
     for i, (name, folder) in enumerate(stages, 1):
         dest = staging / f"{i:02d}-{name}"
         (dest / "stats").mkdir(parents=True)
-        merged = stage_stats(folder / "logs")
-        (dest / "stats.json").write_text(json.dumps(merged, indent=1))
+        merged = stage_stats(folder / "logs") if (folder / "logs").is_dir() else []
+        (dest / "stats.json").write_text(json.dumps(merged, indent=1))  # staging only: report/ is rebuilt
         for f in sorted((folder / "excluded").rglob("*.jsonl*")) if (folder / "excluded").is_dir() else []:
             link = dest / "excluded" / f.relative_to(folder / "excluded")
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +366,6 @@ def write_pipeline_report(out: Path, stages: list[tuple[str, Path]], n_examples:
             for d, v in mix["domains"].items():
                 extra.append(f"| {d} | {v['available_tokens']:,} | {v['target_share']:.3f} | {v['tokens']:,} | "
                              f"{v['share']:.3f} | {v['repeat']:.2f} |")
-    with open(report_dir / "report.md", "a", encoding="utf-8") as f:
-        f.write("\n".join(extra) + "\n")
-    return report_dir / "report.md"
+    md = report_dir / "report.md"
+    atomic_write(md, md.read_text(encoding="utf-8") + "\n".join(extra) + "\n")
+    return md

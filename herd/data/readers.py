@@ -240,6 +240,30 @@ class TextFolderReader(_ProblemCounting, BaseDiskReader):
         yield Document(text=text, id=filepath, metadata=metadata)
 
 
+class AutoReader(_ProblemCounting, BaseDiskReader):
+    """A folder of mixed files: each file read by its own suffix (jsonl[.gz|.zst] / .json / .ndjson
+    as JSON lines, .parquet as parquet, anything else as one text document), so one stray README
+    does not turn every jsonl file into a document of raw JSON."""
+
+    name = "📖 herd auto (per file)"
+
+    def __init__(self, data_folder: Any, glob_pattern: str | None = None, text_key: str = "text", id_key: str = "id",
+                 default_metadata: dict | None = None, limit: int = -1, file_progress: bool = False,
+                 extensions: Iterable[str] | None = None, source: str | None = None, max_bytes: int = 10_000_000,
+                 batch_size: int = 1000, **kwargs: Any):
+        super().__init__(data_folder, glob_pattern=glob_pattern, text_key=text_key, id_key=id_key,
+                         default_metadata=default_metadata, limit=limit, file_progress=file_progress, **kwargs)
+        self.extensions = {"." + e.lstrip(".").lower() for e in extensions} if extensions else None
+        self.source = source or Path(str(self.data_folder.path).rstrip("/")).name
+        self.max_bytes, self.batch_size = max_bytes, batch_size
+        self.problems: list[tuple[str, str, str]] = []
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        kind = _suffix_format(filepath)
+        reader = {"jsonl": JsonlReader, "parquet": ParquetReader, "text": TextFolderReader}[kind]
+        yield from reader.read_file(self, filepath)  # the readers share these attributes
+
+
 def _suffix_format(name: str) -> str:
     low = name.lower()
     if low.endswith(JSONL_SUFFIXES):
@@ -252,8 +276,9 @@ def _suffix_format(name: str) -> str:
 def make_reader(path: str | Path, format: str = "auto", **kwargs: Any) -> BaseDiskReader:
     """The datatrove reader step for a folder (or one file): format "jsonl", "parquet", "text" or "auto".
 
-    "auto" picks jsonl or parquet when every file in the folder has that suffix, else text files.
-    Extra keyword arguments go to the reader (text_key, id_key, default_metadata, extensions, ...).
+    "auto" decides per file by its suffix (jsonl / parquet / text): a folder of one kind gets that
+    kind's reader, a mixed folder the AutoReader. Extra keyword arguments go to the reader
+    (text_key, id_key, default_metadata, extensions, ...).
     """
     path = Path(path)
     if not path.exists():
@@ -262,9 +287,9 @@ def make_reader(path: str | Path, format: str = "auto", **kwargs: Any) -> BaseDi
     if format == "auto":
         names = [path.name] if pattern else [p.name for p in path.rglob("*") if p.is_file()]
         kinds = {_suffix_format(n) for n in names}
-        format = kinds.pop() if len(kinds) == 1 else "text"
+        format = kinds.pop() if len(kinds) == 1 else "mixed"
     readers: dict[str, Callable[..., BaseDiskReader]] = {
-        "jsonl": JsonlReader, "parquet": ParquetReader, "text": TextFolderReader}
+        "jsonl": JsonlReader, "parquet": ParquetReader, "text": TextFolderReader, "mixed": AutoReader}
     if format not in readers:
         raise HerdError(f"unknown input format '{format}'; use one of auto, jsonl, parquet, text.")
     return readers[format](str(folder), glob_pattern=pattern, **kwargs)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from herd.errors import HerdError
+from herd.fileio import atomic_path, atomic_write
 
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
@@ -158,10 +159,9 @@ def plot_score_histogram(scores_or_counts: list[float] | list[int], path: str | 
     ax.set_ylabel("documents")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _fmt(n: float) -> str:
@@ -212,8 +212,11 @@ def write_report(pipeline_dir: str | Path, report_dir: str | Path, n_examples: i
         raise HerdError(f"pipeline directory {pipeline_dir} does not exist; pass the folder the pipeline wrote.")
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    log_dirs = sorted({p.parent for p in pipeline_dir.rglob("stats.json")}
-                      | {p.parent for p in pipeline_dir.rglob("stats") if p.is_dir() and any(p.glob("*.json"))})
+    # an earlier report inside pipeline_dir holds copies of the stages: never list them twice
+    skip = report_dir.resolve() if report_dir.resolve() not in [pipeline_dir.resolve(), *pipeline_dir.resolve().parents] else None
+    log_dirs = sorted(d for d in ({p.parent for p in pipeline_dir.rglob("stats.json")}
+                                  | {p.parent for p in pipeline_dir.rglob("stats") if p.is_dir() and any(p.glob("*.json"))})
+                      if skip is None or skip not in d.resolve().parents)
     stages = []
     for log_dir in log_dirs:
         steps = [_summarize_step(s) for s in _load_stage(log_dir)]
@@ -227,9 +230,7 @@ def write_report(pipeline_dir: str | Path, report_dir: str | Path, n_examples: i
         stages.append(stage)
     report = dict(pipeline_dir=str(pipeline_dir), stages=stages, examples=_examples(pipeline_dir, n_examples))
     for name, text in (("report.json", json.dumps(report, indent=2, ensure_ascii=False)), ("report.md", _markdown(report))):
-        tmp = report_dir / f"{name}.tmp{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, report_dir / name)
+        atomic_write(report_dir / name, text)
     return report
 
 
@@ -241,6 +242,16 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     out = args.output or os.path.join(args.pipeline_dir, "report")
+    stages_file = Path(args.pipeline_dir) / "work" / "stages.json"
+    if stages_file.is_file():
+        # a `herd data run` folder: its last run's stages, in pipeline order (work/ may hold stages
+        # of runs with other options, and report/stages holds copies of them)
+        from herd.data.pipeline import write_pipeline_report
+
+        stages = [(name, Path(folder)) for name, folder in json.loads(stages_file.read_text())]
+        path = write_pipeline_report(Path(args.pipeline_dir), stages, args.examples, Path(out))
+        print(f"wrote {path} and report.json ({len(stages)} stages)")
+        return 0
     report = write_report(args.pipeline_dir, out, args.examples)
     print(f"wrote {out}/report.md and report.json ({len(report['stages'])} stages)")
     return 0

@@ -2,14 +2,16 @@
 
 Layout of a shard directory (format "herd-shards-v1"):
 
-    OUT/manifest.json        format, dtype, tokenizer {path, sha256, n_words, bos_id, eos_id},
-                             seed, created, splits {name: {shards: [{name, tokens, documents}],
+    OUT/manifest.json        format, dtype, tokenizer {path (absolute), sha256, n_words, bos_id,
+                             eos_id, copy}, seed, created, splits {name: {shards: [{name, tokens, documents}],
                              tokens, documents, domains: {domain: tokens}}}
     OUT/train/00000.tokens   raw little-endian uint32 token ids; documents back to back, each one
                              stored as [bos] + tokens + [eos]
     OUT/train/00000.offsets  raw little-endian uint64: start of every document in the .tokens
                              file, then one final entry = the file's token count
     OUT/val/...              the held-out split, same layout
+    OUT/tokenizer.model      a copy of the tokenizer the shards were made with (find_tokenizer
+                             looks here first, then at the recorded path; both checked by sha256)
 
 Every file is written to a temp name and renamed into place; the manifest is written last, so a
 directory with a manifest is complete. The reader memory-maps shards (a training loader touches
@@ -29,11 +31,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from herd.errors import HerdError
+from herd.fileio import atomic_open, atomic_write
 
 FORMAT = "herd-shards-v1"
 TOKEN_DTYPE = np.dtype("<u4")
 OFFSET_DTYPE = np.dtype("<u8")
 MANIFEST = "manifest.json"
+TOKENIZER_COPY = "tokenizer.model"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -46,17 +50,63 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
-    """The manifest's tokenizer record from a herd Tokenizer (or anything with the same attributes)."""
+    """The manifest's tokenizer record from a herd Tokenizer (or anything with the same attributes).
+
+    The path is absolute, so the shards can be used from any working directory; the sha256
+    identifies the file wherever it moves.
+    """
     path = str(getattr(tokenizer, "path", "") or "")
+    path = os.path.abspath(path) if path else ""
     sha = getattr(tokenizer, "sha256", None) or (file_sha256(path) if path and os.path.exists(path) else "")
     return {"path": path, "sha256": sha, "n_words": int(tokenizer.n_words),
             "bos_id": int(tokenizer.bos_id), "eos_id": int(tokenizer.eos_id)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def copy_tokenizer(out_dir: str | os.PathLike, info: dict[str, Any]) -> dict[str, Any]:
+    """Copy the tokenizer file named in `info` to OUT/tokenizer.model (atomically) and return the record
+    with "copy" set, so the shards carry their tokenizer when they move (or the original is deleted)."""
+    src, dst = info.get("path", ""), Path(out_dir) / TOKENIZER_COPY
+    if not src or not os.path.isfile(src):
+        return dict(info)
+    if not (dst.is_file() and file_sha256(dst) == info.get("sha256")):
+        atomic_write(dst, Path(src).read_bytes())
+    return {**info, "copy": TOKENIZER_COPY}
+
+
+def find_tokenizer(out_dir: str | os.PathLike, manifest: dict[str, Any] | None = None,
+                   override: str | os.PathLike | None = None) -> Path | None:
+    """The tokenizer file the shards in out_dir were made with, checked by sha256.
+
+    Looks at `override` (a --tokenizer flag; it must match), then the copy beside the shards, then
+    the recorded path (absolute; older manifests stored it relative to the folder the data was
+    made in, tried against the current folder and the shard folder). HerdError when none matches;
+    None only for shards written without any tokenizer file (ids made by code, e.g. in tests).
+    """
+    out_dir = Path(out_dir)
+    manifest = manifest if manifest is not None else read_manifest(out_dir)
+    want = manifest.get("tokenizer", {})
+    sha = want.get("sha256", "")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise HerdError(f"--tokenizer {path} does not exist; pass the tokenizer.model the shards in {out_dir} "
+                            "were made with.")
+        if sha and file_sha256(path) != sha:
+            raise HerdError(f"--tokenizer {path} is not the tokenizer the shards in {out_dir} were made with "
+                            f"(sha256 {sha[:12]}...); pass that one or re-pack the data with this tokenizer.")
+        return path
+    recorded = want.get("path", "")
+    if not recorded and not want.get("copy"):
+        return None
+    candidates = [out_dir / want.get("copy", TOKENIZER_COPY)]
+    if recorded:
+        candidates += [Path(recorded)] if os.path.isabs(recorded) else [Path.cwd() / recorded, out_dir / recorded]
+    for path in candidates:
+        if path.is_file() and (not sha or file_sha256(path) == sha):
+            return path
+    raise HerdError(f"the tokenizer the shards in {out_dir} were made with (sha256 {sha[:12] or '?'}..., recorded as "
+                    f"{recorded or '?'}) is neither beside the shards nor at that path (or it changed); pass "
+                    "--tokenizer with that tokenizer.model, or re-pack the data.")
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -109,19 +159,16 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._name = f"{self.split}/{len(self.shards):05d}"
-        self._tmp = self.out_dir / f"{self._name}.tokens.tmp"
-        self._file = open(self._tmp, "wb")
+        self._writing = atomic_open(self.out_dir / f"{self._name}.tokens", "wb")
+        self._file = self._writing.__enter__()
         self._offsets: list[int] = []
         self._n = 0
 
     def _roll(self) -> None:
         """Finish the open shard: rename its tokens into place, write its offsets."""
-        self._file.close()
-        os.replace(self._tmp, self.out_dir / f"{self._name}.tokens")
+        self._writing.__exit__(None, None, None)  # closes and renames the tokens into place
         offsets = np.array(self._offsets + [self._n], dtype=OFFSET_DTYPE)
-        tmp = self.out_dir / f"{self._name}.offsets.tmp"
-        offsets.tofile(tmp)
-        os.replace(tmp, self.out_dir / f"{self._name}.offsets")
+        atomic_write(self.out_dir / f"{self._name}.offsets", offsets.tobytes())
         self.shards.append({"name": self._name, "tokens": self._n, "documents": len(self._offsets)})
         self._file = None
 
@@ -154,7 +201,7 @@ class ShardWriter:
         manifest.update({"format": FORMAT, "dtype": "uint32", "tokenizer": self.info, "seed": self.seed,
                          "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         manifest.setdefault("splits", {})[self.split] = self.summary()
-        _atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+        atomic_write(path, json.dumps(manifest, indent=1) + "\n")
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -164,12 +211,12 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, exc_type, *_: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
         elif self._file is not None:  # leave no half-written shard behind
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            self._writing.__exit__(exc_type, exc, tb)  # closes and removes the temporary file
+            self._file = None
 
 
 class ShardDataset:

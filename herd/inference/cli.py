@@ -19,6 +19,7 @@ from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.errors import HerdError
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
+from herd.threads import add_threads_flag, apply_threads
 
 _DTYPES = ["fp32", "bf16", "fp16"]
 
@@ -34,6 +35,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_bool_flag(parser, "--compile", default=False, help="torch.compile the decode step (slow start, faster steps)")
+    add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
     add_dataclass_args(parser, SamplingParams, skip=("logprobs",), group="sampling")
@@ -57,6 +59,7 @@ def _load(ns: argparse.Namespace):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError):
         raise HerdError(f"device '{device}' is not available here; use --device cpu.") from None
+    apply_threads(ns.threads, device)
     model = load_checkpoint(ns.checkpoint, device=device, dtype=ns.dtype)
     if getattr(ns, "adapter", None) is not None:
         from herd.posttrain.adapter import load_adapter
@@ -71,17 +74,32 @@ def _load(ns: argparse.Namespace):
 
 def _sampling(ns: argparse.Namespace, tokenizer) -> SamplingParams:
     params = dataclass_from_args(SamplingParams, ns)
-    params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens))
+    bad = [t for t in params.stop_tokens if not 0 <= t < tokenizer.n_words]
+    if bad:
+        raise HerdError(f"--stop-tokens {','.join(map(str, bad))} are not token ids of this tokenizer "
+                        f"(0..{tokenizer.n_words - 1}); pass ids from `herd tokenizer encode`.")
+    # <|begin_of_text|> never belongs inside generated text: a base model emits it only to start a
+    # new document (after the one it was writing ended), so it ends the reply like the stop tokens
+    params.stop_tokens = sorted(set(params.stop_tokens) | set(tokenizer.stop_tokens) | {tokenizer.bos_id})
     return params
 
 
 def _context(ns: argparse.Namespace, model, need: int) -> int:
-    """KV cache length: --max-seq-len, else `need` capped at the model's context."""
+    """KV cache length: --max-seq-len (at most the model's context), else `need` capped at the context.
+
+    The cache is allocated whole up front, so a length beyond what the model was trained for would
+    cost memory for positions it cannot use well (100000 slots of a 512-context model: ~20 GB).
+    """
+    limit = model.args.max_seq_len
     if ns.max_seq_len is not None:
         if ns.max_seq_len < 2:
             raise HerdError(f"--max-seq-len must be at least 2, got {ns.max_seq_len}.")
+        if ns.max_seq_len > limit:
+            print(f"herd: note: --max-seq-len {ns.max_seq_len} is longer than the model's context of {limit} "
+                  f"tokens; using {limit}.", file=sys.stderr)
+            return limit
         return ns.max_seq_len
-    return min(need, model.args.max_seq_len)
+    return min(need, limit)
 
 
 def _stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, tokenizer, out) -> tuple[list[int], float]:

@@ -146,9 +146,7 @@ def _decode(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise HerdError("token ids must be integers separated by spaces or commas, or a JSON list of integers.") from None
-    sys.stdout.write(tok.decode(ids))
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
+    sys.stdout.write(tok.decode(ids) + "\n")  # a line, like every other command's output
     return 0
 
 

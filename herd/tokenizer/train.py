@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from herd.errors import HerdError
 from herd.tokenizer.core import NUM_SPECIAL_TOKENS, PATTERN, Tokenizer
+from herd.fileio import atomic_open
 
 TEXT_FIELD = "text"
 
@@ -222,12 +222,5 @@ def write_tiktoken(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [base64.b64encode(t).decode("ascii") + f" {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="ascii") as f:
+        f.writelines(lines)

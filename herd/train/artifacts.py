@@ -20,8 +20,12 @@ from herd.train.state import full_model, unwrap
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    stop_ids: Sequence[int] = ()) -> list[tuple[list[int], int | None]]:
+                    stop_ids: Sequence[int] = (), temperature: float = 0.0,
+                    seed: int | None = None) -> list[tuple[list[int], int | None]]:
     """Greedy continuations of several prompts: (new token ids, the stop id that ended it or None) each.
+
+    temperature > 0 samples instead (top-p 0.95, seeded; one process only): a minutes-old model's
+    greedy text loops on its likeliest phrase, a sample shows more of what it learned.
 
     One process: herd's inference Engine, all prompts in one batch (KV cache). Sharded models: a
     plain full-forward loop per prompt that every rank runs in lock step (each forward needs all
@@ -38,7 +42,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
 
             longest = max(len(p) for p in prompts)
             engine = Engine(unwrap(model), max_batch_size=len(prompts), max_seq_len=longest + max_new_tokens)
-            params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_tokens=list(stop_ids))
+            params = SamplingParams(temperature=temperature, top_p=0.95, seed=seed, max_new_tokens=max_new_tokens,
+                                    stop_tokens=list(stop_ids))
             out = [(list(r.tokens), r.stop_token) for r in engine.generate([list(p) for p in prompts], params)]
             del engine
         else:
@@ -57,9 +62,9 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
 
 
 def greedy_sample(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
-                  stop_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy continuation of prompt_ids (new token ids only), ending before the first stop id."""
-    return greedy_generate(model, [prompt_ids], max_new_tokens, stop_ids)[0][0]
+                  stop_ids: Sequence[int] = (), temperature: float = 0.0, seed: int | None = None) -> list[int]:
+    """Continuation of prompt_ids (new token ids only), ending before the first stop id (see greedy_generate)."""
+    return greedy_generate(model, [prompt_ids], max_new_tokens, stop_ids, temperature, seed)[0][0]
 
 
 def export_final(model: torch.nn.Module, args: ModelArgs, folder: Path, fmt: str,

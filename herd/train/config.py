@@ -1,12 +1,13 @@
 """TrainConfig: every knob of `herd pretrain`, one flat dataclass (CLI flags are generated from it).
 
-The resolved config is saved inside every checkpoint (train_state.json), so a resumed run can be
-checked against the run that wrote it.
+The resolved config is saved inside every checkpoint (train_state.json). A resumed run takes its
+settings from there, not from the flag defaults: `--resume` alone continues the run as it was,
+and only flags given explicitly override a saved value (`resumed_config`), each one reported.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from herd.errors import HerdError
@@ -49,7 +50,7 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint in OUT/checkpoints (a fresh start if there is none)."""
     tokenizer: str = ""
-    """tokenizer.model for samples and the export; default: the one named in the shard manifest (must match the shards)."""
+    """tokenizer.model for samples and the export; default: the copy beside the shards, else the manifest's path (checked by sha256)."""
     seed: int = 0
     """Seed of the weight init and the data order (same seed + data = same run)."""
     steps: int = 200
@@ -107,7 +108,7 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, or auto (the GPU when there is one)."""
     threads: int = 0
-    """CPU threads for torch ops; 0 = torch's default (all cores)."""
+    """CPU threads for torch ops; 0 = pick the fastest count for the machine's current load (herd.threads)."""
     log_every: int = 10
     """Console progress line every N steps (log.jsonl and TensorBoard get every step)."""
     eval_every: int = 50
@@ -120,6 +121,8 @@ class TrainConfig:
     """Tokens generated per sample."""
     sample_prompt: str = "def "
     """Prompt of the sample generations."""
+    sample_temperature: float = 0.0
+    """Temperature of the samples (top-p 0.95, seeded by --seed); 0 = greedy. Samples end at any special token."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 3
@@ -194,3 +197,44 @@ def stage_value(stages: list[tuple[int, int]], step: int, default: int) -> int:
         if start <= step:
             value = v
     return value
+
+
+# Settings a resumed run cannot change: the checkpoint's weights and data position depend on them.
+FIXED_ON_RESUME = {
+    "preset": "the checkpoint's weights have that model's shape",
+    "seed": "the checkpoint's data position is in that seed's order",
+}
+# Flags that name the run rather than configure it.
+_RUN_IDENTITY = ("out", "resume")
+# Flags that belong to one invocation, not to the run: a resumed run does not inherit them
+# (a run split with --stop-at continues past it with a bare --resume, as the loop tells the user).
+_PER_INVOCATION = ("stop_at",)
+
+
+def resumed_config(saved: dict[str, Any], explicit: dict[str, Any], step: int,
+                   where: str = "the checkpoint") -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the saved one, with only the `explicit` flags applied.
+
+    saved: the config stored in train_state.json; explicit: the flags the user set
+    (herd.flags.set_flags); step: the checkpoint's step. Returns (config, one "--flag new (was
+    old)" string per override). HerdError for an override that cannot continue the run.
+    """
+    defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(TrainConfig)}
+    # a field added since the save gets its default
+    base = {k: (v if k in _PER_INVOCATION else saved.get(k, v)) for k, v in defaults.items()}
+    changes = []
+    for key, value in explicit.items():
+        if key in _RUN_IDENTITY or key not in base or base[key] == value:
+            continue
+        if key == "preset" and (base[key] or (None if base.get("init_from") else DEFAULT_PRESET)) == value:
+            continue  # the preset the saved run used by default, now named
+        flag = "--" + key.replace("_", "-")
+        if key in FIXED_ON_RESUME:
+            raise HerdError(f"{where} was trained with {flag} {base[key]} and cannot continue with {value} "
+                            f"({FIXED_ON_RESUME[key]}); drop {flag} to resume, or start a new run with a new --out.")
+        if key == "steps" and value <= step:
+            raise HerdError(f"--steps {value} does not go past {where}'s step {step}; pass a larger --steps "
+                            "or drop it to finish the saved schedule.")
+        changes.append(f"{flag} {value} (was {base[key]})")
+    cfg = TrainConfig(**{**base, **{k: v for k, v in explicit.items() if k in base}, "resume": True})
+    return cfg, changes

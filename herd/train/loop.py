@@ -34,15 +34,15 @@ from herd.train.metrics import MetricsLogger, flops_per_token, memory_mb, peak_f
 from herd.train.optim import build_optimizer, schedule_from_config, set_lr
 from herd.train.preflight import check_fits, init_weights, open_data, resolve_model
 from herd.train.step import SpikeGuard, train_step
+from herd.threads import apply_threads
 
 
 def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns a summary (final losses, throughput, paths). Rank 0 writes files."""
     cfg.validate()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     info = init_distributed()
     device = info.device if cfg.device == "auto" else torch.device(cfg.device)
+    apply_threads(cfg.threads, device)  # 0: the fastest count under the current load (herd.threads)
     mesh = build_mesh(info, cfg.dp, cfg.tp)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     dp_size = mesh["dp"].size() if mesh is not None else 1
@@ -86,6 +86,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     if resume_from is not None:
         saved = state.load_train_state(resume_from, model, optimizer)
         start_step, total = int(saved["step"]), int(saved["total_steps"])
+        if cfg.steps != saved.get("config", {}).get("steps", cfg.steps):  # --steps overridden on resume
+            total = cfg.steps
         loader.load_state_dict(saved["loader"])
         guard.load_state_dict(saved.get("guard", {}))
     # Log lines past the step we start from belong to a crashed attempt (after its last
@@ -132,7 +134,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         tok = data.tokenizer
         prompt = tok.encode(cfg.sample_prompt, bos=True)[-(args.max_seq_len - cfg.sample_tokens):]
         # A base model's sample ends where it would start another document (any special token).
-        text = cfg.sample_prompt + tok.decode(greedy_sample(model, prompt, cfg.sample_tokens, special_ids(tok)))
+        new = greedy_sample(model, prompt, cfg.sample_tokens, special_ids(tok), temperature=cfg.sample_temperature,
+                            seed=cfg.seed)
+        text = cfg.sample_prompt + tok.decode(new)
         log.log("sample", step, prompt=cfg.sample_prompt, text=text[len(cfg.sample_prompt):])
         log.text("sample", step, text)
         log.print(f"step {step:>6} | sample: {text!r}")
@@ -170,6 +174,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         tokens_seen += tokens
         tok_s = tokens / dt
         mfu = tok_s * flops_per_token(args, seq) / (peak * info.world_size) if peak else 0.0
+        if mfu > 1.0 and peak_source.startswith("measured"):  # the peak was measured while the cores were busy
+            peak, peak_source, mfu = peak * mfu, peak_source + ", raised to the rate this run reached", 1.0
+            log.print(f"MFU: the measured peak was low (a busy moment); now {peak / 1e12:.3g} TFLOP/s, the rate this run reached")
         log.log("train", step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens_per_s=tok_s, mfu=mfu,
                 step_s=dt, batch_size=bsz, seq_len=seq, memory_mb=memory_mb(device), epochs=loader.epochs(seq))
         if step % cfg.log_every == 0 or step == total or step == start_step + 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from herd.data.shards import ShardDataset, check_tokenizer, file_sha256
+from herd.data.shards import ShardDataset, check_tokenizer, file_sha256, find_tokenizer
 from herd.errors import HerdError
 from herd.model import ModelArgs
 from herd.train.config import DEFAULT_PRESET, TrainConfig
@@ -89,16 +89,17 @@ def open_data(cfg: TrainConfig, args: ModelArgs) -> TrainData:
     if n_words > args.vocab_size:
         raise HerdError(f"the shards use a {n_words}-token vocabulary but {cfg.model_name()} has only {args.vocab_size} "
                         "embedding rows; pick a model with a large enough vocab_size or re-tokenize with its tokenizer.")
-    path = cfg.tokenizer or info.get("path") or ""
-    tokenizer = None
-    if path and Path(path).is_file():
-        from herd.tokenizer import Tokenizer
+    # the tokenizer is found wherever the run starts (a copy beside the shards, the recorded
+    # absolute path) and checked by sha256; a run that cannot find it stops here, because without
+    # it there would be no samples, no tokenizer in OUT/final and no check of the shards
+    from herd.tokenizer import Tokenizer
 
+    path = find_tokenizer(cfg.data, train.manifest, cfg.tokenizer or None)
+    tokenizer = None
+    if path is not None:  # None: shards written without a tokenizer file (token ids made by code)
         tokenizer = Tokenizer.from_file(path)
         check_tokenizer(train.manifest, tokenizer)
-    elif cfg.tokenizer:
-        raise HerdError(f"--tokenizer {cfg.tokenizer} does not exist; pass the tokenizer.model the shards were made with.")
-    return TrainData(train, val, tokenizer, path if tokenizer is not None else None, str(info.get("sha256", "")))
+    return TrainData(train, val, tokenizer, str(path) if path else None, str(info.get("sha256", "")))
 
 
 def estimate_bytes(args: ModelArgs, micro_batch: int, seq_len: int, n_params: int, bytes_per: int = 4,

