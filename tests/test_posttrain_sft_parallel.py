@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed,
 
 RUN = dict(max_seq_len=128, batch_size=4, steps=4, warmup_ratio=0.25, val_fraction=0.15, eval_every=2,
            eval_on_start=False, sample_prompts=2, sample_tokens=6, checkpoint_every=0, log_every=100,
-           tensorboard=False, peak_tflops=1.0, seed=2)
+           tensorboard=False, peak_tflops=1.0, seed=2, threads=1)  # torchrun ranks run 1 thread each
 LAYOUTS = {  # name -> (extra settings, torchrun layout flags)
     "fsdp_full": (dict(lr=3e-3), ["--dp", "2"]),
     "fsdp_lora": (dict(lr=2e-2, lora_rank=4, lora_alpha=8, lora_targets=["all-linear"], merge=True), ["--dp", "2"]),

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from herd.checkpoint.common import DTYPES
 from herd.errors import HerdError
-from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
+from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args, set_flags
 
 _DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
 
@@ -74,10 +76,10 @@ def add_sft_args(parser: argparse.ArgumentParser) -> None:
 
 def run_sft(ns: argparse.Namespace) -> int:
     from herd.parallel import destroy, is_main
-    from herd.posttrain.config import SFTConfig
     from herd.posttrain.sft import sft
 
-    cfg = dataclass_from_args(SFTConfig, ns, base=_saved_config(ns))
+    main_rank = os.environ.get("RANK", "0") == "0"  # before the process group exists
+    cfg = resolve_sft_config(ns, say=lambda line: print(line, file=sys.stderr, flush=True) if main_rank else None)
     try:
         summary = sft(cfg)
         if is_main():
@@ -88,16 +90,23 @@ def run_sft(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _saved_config(ns: argparse.Namespace):
-    """With --resume, the settings of the run in --out (flags given on the command line override them)."""
+def resolve_sft_config(ns: argparse.Namespace, say: Any = print):
+    """SFTConfig from the flags; with --resume and a checkpoint in --out, that run's saved settings with
+    only the flags given applied (each override reported through `say`), as `herd pretrain` does."""
     from herd.posttrain.config import SFTConfig
-    from herd.train import state
+    from herd.posttrain.resume import FIXED_ON_RESUME
+    from herd.train.config import resumed_config
+    from herd.train.state import latest_state, read_state_info
 
-    if not ns.resume:
-        return None
-    latest = state.latest_state(Path(ns.out or SFTConfig.out) / "checkpoints")
+    cfg = dataclass_from_args(SFTConfig, ns)
+    if not cfg.resume:
+        return cfg
+    latest = latest_state(Path(cfg.out) / "checkpoints", warn=lambda _: None)  # the loop warns once
     if latest is None:
-        return None
-    saved = state.read_state_info(latest).get("config", {})
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    return SFTConfig(**{k: v for k, v in saved.items() if k in known})
+        return cfg
+    info = read_state_info(latest)
+    cfg, changes = resumed_config(info.get("config", {}), set_flags(SFTConfig, ns), int(info.get("step", 0)),
+                                  where=str(latest), cls=SFTConfig, fixed=FIXED_ON_RESUME)
+    say(f"resuming {latest} with its saved settings" + ("; overridden: " + ", ".join(changes) if changes
+                                                        else " (no flag overrides them)"))
+    return cfg

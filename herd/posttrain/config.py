@@ -41,7 +41,7 @@ class FinetuneConfig(LoRAConfig):
     init_from: str = ""
     """Checkpoint to fine-tune (herd, Hugging Face or Meta folder); required."""
     tokenizer: str = ""
-    """tokenizer.model to use; default the one beside --init-from (a different one is refused)."""
+    """tokenizer.model to use; empty = the one beside --init-from (a different one is refused)."""
     out: str = "runs/sft"
     """Run directory: checkpoints/, log.jsonl, tensorboard/, data_report.json, loss.png and the export go here."""
     resume: bool = False
@@ -93,7 +93,7 @@ class FinetuneConfig(LoRAConfig):
     device: str = "auto"
     """cpu, cuda, or auto (the GPU when there is one)."""
     threads: int = 0
-    """CPU threads for torch ops; 0 = torch's default."""
+    """CPU threads for torch ops; 0 = pick the fastest count for the machine's current load (herd.threads)."""
     log_every: int = 10
     """Console progress line every N steps (log.jsonl and TensorBoard get every step)."""
     eval_every: int = 50

@@ -26,8 +26,17 @@ from herd.model import ModelArgs
 from herd.posttrain.config import FinetuneConfig
 from herd.train import state
 
-MUST_MATCH = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "lora_rslora", "lora_base_dtype")
-"""Config fields a resumed run cannot change (the model and the adapters the checkpoint holds)."""
+FIXED_ON_RESUME = {
+    "init_from": "the checkpoint continues that model",
+    "seed": "the checkpoint's data position is in that seed's order",
+    "lora_rank": "the checkpoint holds adapters of that shape",
+    "lora_targets": "the checkpoint holds adapters on those layers",
+    "lora_alpha": "the adapters were trained with that scaling",
+    "lora_rslora": "the adapters were trained with that scaling",
+    "lora_base_dtype": "the adapters were trained on that base",
+}
+"""Config fields a resumed run cannot change, and why (the CLI refuses such flags with --resume)."""
+MUST_MATCH = tuple(k for k in FIXED_ON_RESUME if k != "seed")  # the loader checks the seed itself
 
 
 def checkpoint_root(cfg: FinetuneConfig) -> Path:

@@ -38,7 +38,8 @@ from herd.posttrain.policy import load_policy, policy_args, trainable_parameters
 from herd.posttrain.replies import chat_replies, heldout_prompts
 from herd.train.loss import chunked_cross_entropy, lm_head
 from herd.train.masks import attention_kwargs
-from herd.train.metrics import MetricsLogger, flops_per_token, memory_mb, peak_flops, plot_loss
+from herd.threads import apply_threads
+from herd.train.metrics import MetricsLogger, cap_mfu, flops_per_token, memory_mb, peak_flops, plot_loss
 from herd.train.optim import build_optimizer, set_lr
 from herd.train.preflight import available_bytes, estimate_bytes
 from herd.train.step import SpikeGuard, train_step
@@ -47,10 +48,9 @@ from herd.train.step import SpikeGuard, train_step
 def sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune as configured; returns a summary (losses, replies, throughput, paths). Rank 0 writes files."""
     cfg.validate()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     info = init_distributed()
     device = info.device if cfg.device == "auto" else torch.device(cfg.device)
+    apply_threads(cfg.threads, device)  # 0: the fastest count under the current load (herd.threads)
     mesh = build_mesh(info, cfg.dp, cfg.tp)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     dp_size = mesh["dp"].size() if mesh is not None else 1
@@ -90,6 +90,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     if resume_from is not None:
         saved = resume.restore(resume_from, model, optimizer, cfg)
         start_step = int(saved["step"])
+        if cfg.steps and cfg.steps != saved.get("config", {}).get("steps", cfg.steps):  # --steps given on resume
+            total = cfg.steps
         loader.load_state_dict(saved["loader"])
         guard.load_state_dict(saved.get("guard", {}))
 
@@ -192,6 +194,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         tokens_seen += tokens
         tok_s = tokens / dt
         mfu = tok_s * fpt / (peak * info.world_size) if peak else 0.0
+        mfu, peak, peak_source, message = cap_mfu(mfu, peak, peak_source)
+        if message:
+            log.print(message)
         log.log("train", step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens_per_s=tok_s, mfu=mfu,
                 step_s=dt, tokens=tokens, learned_tokens=int(round(denominator * dp_size)),
                 memory_mb=memory_mb(device), epochs=loader.epochs())

@@ -110,6 +110,16 @@ def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> tuple[float, s
                                       f"{torch.get_num_threads()} thread(s)")
 
 
+def cap_mfu(mfu: float, peak: float, peak_source: str) -> tuple[float, float, str, str]:
+    """(mfu, peak, peak_source, message): a measured CPU peak below the rate a run reaches (it was
+    measured in a busy moment) is raised to that rate, so MFU stays <= 100%; message says so, once."""
+    if mfu > 1.0 and peak_source.startswith("measured"):
+        peak = peak * mfu
+        return 1.0, peak, peak_source + ", raised to the rate this run reached", (
+            f"MFU: the measured peak was low (a busy moment); now {peak / 1e12:.3g} TFLOP/s, the rate this run reached")
+    return mfu, peak, peak_source, ""
+
+
 def memory_mb(device: torch.device) -> float:
     """Peak memory in MiB: CUDA max allocated, or this process's max resident set on CPU."""
     if device.type == "cuda":
