@@ -20,7 +20,7 @@ that counts the tokens the model reads. Peak memory = the process's peak residen
 training above what it held after its imports (weights, gradients, optimizer state, activations).
 The machine is shared by other jobs: compare ratios within one run.
 
-    python bench/sft.py                                  # dim 256, 4 layers, tied 128K vocab, 4 x 512, 12 steps
+    python bench/sft.py                                  # dim 256, 4 layers, tied 128K vocab, 4 x 512, 8 steps
     python bench/sft.py --dim 512 --layers 8 --steps 20 --only lora
 """
 
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512, help="packed row length")
     ap.add_argument("--batch", type=int, default=4, help="rows per optimizer step")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     ap.add_argument("--repeat", type=int, default=2, help="copies of the ~600 chats (enough rows for the steps)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each process (0 = torch's default)")
