@@ -22,14 +22,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("herd.train.speedrun:speedrun", "corpus -> data pipeline -> tokenizer -> pretrain -> sample, on this machine"),
     "init": ("herd.checkpoint.cli:init", "write a randomly initialized checkpoint of a preset (demos, tests, from-scratch runs)"),
     "info": ("herd.checkpoint.cli:info", "parameter count, memory per dtype and KV-cache size of a preset or checkpoint"),
-    "convert": ("herd.checkpoint.cli:convert", "convert a checkpoint between herd, Hugging Face and Meta formats"),
+    "convert": ("herd.checkpoint.cli:convert", "convert a checkpoint between herd, Hugging Face and Meta formats (reads GGUF too)"),
+    "export": ("herd.checkpoint.export_cli:export", "write a checkpoint as a GGUF file for llama.cpp / Ollama (f16, q8_0, q4_0, ...)"),
     "generate": ("herd.inference.cli:generate", "generate text from a prompt (streams as it goes)"),
     "chat": ("herd.inference.cli:chat", "interactive chat in the Llama 3 chat format"),
+    "serve": ("herd.inference.server.cli:serve", "OpenAI-compatible HTTP server with continuous batching and a chat page"),
     "tokenizer": ("herd.tokenizer.cli:tokenizer", "train, encode, decode and measure tokenizers"),
     "data": ("herd.data.cli:data", "the pre-training data pipeline: filter, dedup, mix, pack"),
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
     "sft": ("herd.posttrain.cli:sft", "supervised fine-tuning (full or LoRA) of a checkpoint on chat data"),
+    "eval": ("herd.eval.cli:eval", "benchmark scores (MMLU, ARC, HellaSwag, GSM8K, ...), perplexity and bits per byte"),
+    "compare": ("herd.eval.cli:compare", "two checkpoints side by side on prompts, judged by a model: win / tie / loss"),
+    "scaling": ("herd.eval.scaling.cli:scaling", "IsoFLOP sweeps, scaling-law fits and downstream prediction, plots"),
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
+    "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
+    "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
 }
 
 

@@ -164,6 +164,20 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.batch_size, self.max_len = batch_size, max_len
 
+    def update(self, layer: int, k: Tensor, v: Tensor, cache_pos: Tensor | None, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write this step's k, v [B, H, S, D] into slots cache_pos [S] of every row; return the first
+        kv_len slots [B, H, kv_len, D] that attention reads.
+
+        Every cache passed to the model has this method: herd.inference's paged cache implements it with
+        per-row slots instead (the model only asks "store these, give me what I may read").
+        """
+        if cache_pos is None:
+            raise ValueError("a static KVCache needs cache_pos, the slots this step writes")
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf.index_copy_(2, cache_pos, k.to(k_buf.dtype))
+        v_buf.index_copy_(2, cache_pos, v.to(v_buf.dtype))
+        return k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -171,8 +185,9 @@ class KVCache:
 class Attention(nn.Module):
     """Grouped-query self-attention: query head j reads KV head j // (n_heads / n_kv_heads)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # which layer of a KV cache this attention reads and writes
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -180,7 +195,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Any | None,
-                cache: tuple[Tensor, Tensor] | None = None, cache_pos: Tensor | None = None) -> Tensor:
+                cache: Any | None = None, cache_pos: Tensor | None = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # Head counts come from the weights (-1), so a tensor-parallel shard holding a slice of the
         # heads runs this same code.
@@ -189,12 +204,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
-        if cache is not None:
-            k_buf, v_buf = cache
-            k_buf.index_copy_(2, cache_pos, k.to(k_buf.dtype))
-            v_buf.index_copy_(2, cache_pos, v.to(v_buf.dtype))
-            kv_len = mask.shape[-1]  # the mask says how many cache slots this step reads
-            k, v = k_buf[:, :, :kv_len], v_buf[:, :, :kv_len]
+        if cache is not None:  # the mask's last dim says how many cached positions this step reads
+            k, v = cache.update(self.layer_id, k, v, cache_pos, mask.shape[-1])
         if isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         elif mask is None:
@@ -224,13 +235,13 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Any | None,
-                cache: tuple[Tensor, Tensor] | None = None, cache_pos: Tensor | None = None) -> Tensor:
+                cache: Any | None = None, cache_pos: Tensor | None = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -316,11 +327,12 @@ class Transformer(nn.Module):
             With a cache, T is the number of cache slots read and the mask is required.
         document_ids: [B, S] ids of the packed document each token belongs to; attention stays
             inside a document and positions restart at each document's start.
-        cache, cache_pos: a KVCache and the LongTensor [S] of slots this step writes.
+        cache, cache_pos: a KVCache and the LongTensor [S] of slots this step writes; or any object with
+            KVCache's `update(layer, k, v, cache_pos, kv_len)` (herd.inference's paged cache).
         """
         bsz, seqlen = tokens.shape
-        if cache is not None and (mask is None or cache_pos is None):
-            raise ValueError("decoding with a KV cache needs both mask and cache_pos")
+        if cache is not None and mask is None:
+            raise ValueError("decoding with a KV cache needs a mask (its last dim: the cached positions read)")
         if document_ids is not None:
             if positions is None:
                 positions = document_positions(document_ids)
@@ -332,9 +344,8 @@ class Transformer(nn.Module):
             positions = positions.unsqueeze(0)
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions)  # [B or 1, S, D/2]
         h = self.tok_embeddings(tokens)  # [B, S, dim]
-        for i, layer in enumerate(self.layers):
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            h = layer(h, cos, sin, mask, layer_cache, cache_pos)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, cache_pos)
         return self.norm(h)
 
     def forward(self, tokens: Tensor, *, positions: Tensor | None = None, mask: Tensor | Any | None = None,
@@ -363,6 +374,6 @@ class Transformer(nn.Module):
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight).float()
-        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout)
-        # takes part as it computes itself.
+        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout,
+        # or a quantized layer from herd.quant with its own kernel) takes part as it computes itself.
         return self.output(h).float()

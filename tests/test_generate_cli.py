@@ -67,14 +67,24 @@ def test_chat_keeps_history(setup, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd then?\n"))
     code = main(["chat", "--checkpoint", str(path), "--system", "Be brief.", "--max-new-tokens", "6",
                  "--temperature", "0"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0
     chat = ChatFormat(tok)
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    _, first = greedy_text(model, tok, chat.encode_dialog_prompt(dialog), 6)
+    first_ids, first = greedy_text(model, tok, chat.encode_dialog_prompt(dialog), 6)
     dialog += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
-    _, second = greedy_text(model, tok, chat.encode_dialog_prompt(dialog), 6)
+    second_prompt = chat.encode_dialog_prompt(dialog)
+    _, second = greedy_text(model, tok, second_prompt, 6)
     assert out == first + "\n" + second + "\n"
+    # The second turn reused the first turn's KV cache: every full 16-token block that the first turn
+    # computed (its prompt and reply, less the last sampled token) and the second prompt starts with.
+    first_prompt = chat.encode_dialog_prompt(dialog[:2])
+    computed = first_prompt + first_ids[:-1]
+    shared = next(i for i, (a, b) in enumerate(zip(computed + [-1], second_prompt)) if a != b)
+    reports = [line for line in captured.err.splitlines() if "prefix cache" in line]
+    assert reports[0].endswith(f"0 of {len(first_prompt)} prompt tokens from the prefix cache]")
+    assert f"{shared // 16 * 16} of {len(second_prompt)} prompt tokens" in reports[1] and shared >= 32
 
 
 def test_chat_reads_piped_stdin_and_resets(setup):

@@ -204,4 +204,6 @@ def test_loop_equals_a_plain_pytorch_training_loop(data, reference):
         opt.zero_grad()
         want.append(loss.item())
     assert len(set(round(x, 2) for x in want)) > 3  # the loss moves
-    torch.testing.assert_close(torch.tensor(losses(ref_out)), torch.tensor(want), rtol=0, atol=2e-5)
+    # Fused vs foreach AdamW and chunked vs full-logits sums round differently; over 8 steps at lr 3e-3
+    # that drifts by ~2e-5 (a wrong mask, schedule or normalization is off by > 1e-2).
+    torch.testing.assert_close(torch.tensor(losses(ref_out)), torch.tensor(want), rtol=0, atol=5e-5)

@@ -171,6 +171,10 @@ def load_args(folder: Path) -> ModelArgs:
 
 
 def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    archs = read_json(folder / "config.json").get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise HerdError(f"{folder} is a reward model ({archs[0]}: a scalar head, no vocabulary head), not a language "
+                        "model; score with it through `herd score --reward-model` or herd.posttrain.load_reward_model.")
     args = load_args(folder)
     state = from_hf_state_dict(read_safetensors_folder(folder), args)
     return model_from_state_dict(args, state, device, dtype, source=str(folder))

@@ -58,7 +58,8 @@ def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("consolidated.*.pth"))
 
 
-def _load_shard(path: Path) -> dict[str, Tensor]:
+def load_shard(path: Path) -> dict[str, Tensor]:
+    """One consolidated.NN.pth as a dict of memory-mapped tensors (HerdError if it is not one)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
@@ -101,7 +102,7 @@ def load_args(folder: Path, tied: bool | None = None) -> ModelArgs:
     extra = params.get("herd") if isinstance(params.get("herd"), dict) else {}
     if tied is None and "tie_embeddings" not in extra and shard_files(folder):
         # Shard 0 holds matching row slices of both matrices; mmap makes this cheap.
-        first = _load_shard(shard_files(folder)[0])
+        first = load_shard(shard_files(folder)[0])
         tied = "output.weight" not in first or tied_output_check(first, "output.weight", "tok_embeddings.weight")
     kw = {k: params[k] for k in _PARAMS if k in params}
     if kw.get("use_scaled_rope"):
@@ -134,7 +135,7 @@ def _check_shard_set(folder: Path, files: list[Path], state: dict[str, Tensor]) 
 
 def load(folder: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     files = shard_files(folder)
-    shards = [_load_shard(f) for f in files]
+    shards = [load_shard(f) for f in files]
     state = _merge(shards, dtype, device, folder)
     del shards
     _check_shard_set(folder, files, state)

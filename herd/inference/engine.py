@@ -1,17 +1,22 @@
-"""The generation engine: static KV cache, batched prefill and decode, stop tokens, log-probs, streaming.
+"""The generation engine: continuous batching over a paged KV cache with prefix caching and chunked
+prefill; sampling, stop tokens, log-probs, streaming.
 
-It speaks token ids only (tokenizing and chat formatting live in herd.inference.cli).
+It speaks token ids only (tokenizing and chat formatting live in herd.inference.cli and the server).
 
-Batches of prompts of different lengths are left-padded into one block of P columns. The cache
-slot of a token is its column; its RoPE position is the column minus that row's padding; the
-mask hides the padding slots of each row. So every row decodes in lock step (one forward per
-step for the whole batch) and gives the same tokens as that prompt alone.
+Two ways to drive it:
 
-Per decode step the engine does no allocation beyond the model's own: the mask is one
-preallocated [B, 1, 1, max_len] buffer that gains a True column per step (eager mode passes the
-filled prefix, so attention reads only the filled part of the cache; compiled mode passes the
-whole buffer so shapes stay static), positions are one add, and the new tokens cross to Python
-once per step (for stop checks and streaming).
+- generate(prompts, params) / stream(prompts, params): run a list of requests to the end (what
+  `herd generate`, `herd chat`, training samples and tests use);
+- add_request() / step() / abort(): the server's loop, where requests arrive and leave at any
+  step (herd.inference.server.worker runs it on its own thread).
+
+Each step runs at most two forwards: one [B, 1] decode forward for every running request with one
+new token, and one prefill forward over chunks of prompts (left-padded rows, so the last column
+is each row's last token; padding writes to the pool's scratch block and is masked). Every row
+has its own RoPE positions and reads its own slots through herd.inference.kv_pool.PagedStep, so a
+request gives the same tokens whatever else shares its batch (the tests check this against
+transformers and against full forwards). The scheduler (herd.inference.scheduler) decides the
+rows; the pool (herd.inference.kv_pool) holds the keys and values and the prefix cache.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,8 +32,11 @@ import torch
 from torch import Tensor
 
 from herd.errors import HerdError
-from herd.inference.sampling import SamplingParams, next_tokens, token_logprobs
-from herd.model import KVCache, Transformer
+from herd.inference.kv_pool import SCRATCH_BLOCK, BlockManager, KVPool, PagedStep
+from herd.inference.sampling import (SamplingParams, TokenConstraint, apply_penalties, constrained_token,
+                                     next_tokens, token_logprobs, top_logprobs)
+from herd.inference.scheduler import Scheduler, Sequence
+from herd.model import Transformer
 
 
 @dataclass
@@ -36,13 +44,20 @@ class TokenEvent:
     """One generated token of one request, as streamed."""
 
     index: int
-    """Position of the request in the list given to stream()/generate()."""
+    """The request: its position in the list given to stream()/generate(), or add_request()'s id."""
     token: int
     """The token id (a stop token is streamed too, with finish_reason "stop")."""
     logprob: float | None
     """log p(token) under the unmodified distribution, if the request asked for log-probs."""
     finish_reason: str | None
     """None while the request goes on; "stop" (stop token) or "length" (max_new_tokens) on its last token."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """The params.top_logprobs most likely (id, log-prob) at this step, if asked for."""
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    """On a request's first event when params.prompt_logprobs: per prompt token (log p, top alternatives);
+    None for the first token (nothing predicts it)."""
+    cached_tokens: int = 0
+    """On the first event: prompt tokens whose keys/values came from the prefix cache."""
 
 
 @dataclass
@@ -59,15 +74,8 @@ class GenerationResult:
     """The stop token that ended the request, if any."""
     prompt_tokens: int
     """Length of the prompt."""
-
-
-class _CacheView:
-    """The first `b` rows of a KVCache (views, no copy): what the model reads as `cache.k[i]`."""
-
-    def __init__(self, cache: KVCache, b: int):
-        self.k = [t[:b] for t in cache.k]
-        self.v = [t[:b] for t in cache.v]
-        self.batch_size, self.max_len = b, cache.max_len
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
 
 
 def compiler_available() -> bool:
@@ -76,21 +84,28 @@ def compiler_available() -> bool:
 
 
 class Engine:
-    """Generate from a herd Transformer with a static KV cache.
+    """Generate from a herd Transformer with continuous batching over a paged, prefix-cached KV cache.
 
     model: a Transformer in eval mode (its device and dtype are used).
-    max_batch_size: rows of the KV cache; more prompts than this run in several batches.
-    max_seq_len: slots of the KV cache (prompt + generated tokens); default the model's max_seq_len.
-    compile: torch.compile the decode step; compile_mode defaults to "reduce-overhead" (CUDA graphs)
-        on GPU and to max-autotune without CUDA graphs plus weight freezing on CPU (the weights are
-        then baked in: edit them and build a new Engine). Without a C++ compiler on CPU it warns and
+    max_batch_size: most requests decoding at once; more wait in a queue.
+    max_seq_len: longest request (prompt + generated tokens); default the model's max_seq_len.
+    block_size: tokens per KV block (the unit of allocation and of prefix sharing).
+    cache_tokens: size of the KV pool in tokens; default max_batch_size * max_seq_len (never preempts).
+        Smaller pools hold more requests than they could all grow to and preempt when they run out.
+    prefill_chunk: most prompt tokens computed per step (chunked prefill).
+    prefix_cache: reuse the KV blocks of earlier requests that share a prefix.
+    compile: torch.compile the decode step (dynamic shapes; on CPU max-autotune with weight freezing,
+        so edit the weights only before building the Engine). Without a C++ compiler it warns and
         runs uncompiled.
     """
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 compile: bool = False, compile_mode: str | None = None):
+                 compile: bool = False, compile_mode: str | None = None, block_size: int = 16,
+                 cache_tokens: int | None = None, prefill_chunk: int = 512, prefix_cache: bool = True):
         if max_batch_size < 1:
             raise HerdError(f"max_batch_size must be a positive integer, got {max_batch_size}.")
+        if block_size < 1 or prefill_chunk < 1:
+            raise HerdError(f"block_size and prefill_chunk must be positive, got {block_size} and {prefill_chunk}.")
         self.model = model.eval()
         self.args = model.args
         self.max_seq_len = int(max_seq_len or self.args.max_seq_len)
@@ -99,11 +114,21 @@ class Engine:
         self.max_batch_size = max_batch_size
         weight = model.tok_embeddings.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.cache = KVCache(self.args, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
-        self._views: dict[int, _CacheView] = {}
-        self._slots = torch.arange(self.max_seq_len, device=self.device)  # cache_pos for any step is a slice
-        self._causal = torch.ones(self.max_seq_len, self.max_seq_len, dtype=torch.bool,
-                                  device=self.device).tril()  # prefill masks are slices of this
+        self.block_size = block_size
+        per_seq = -(-self.max_seq_len // block_size)
+        num_blocks = 1 + (-(-cache_tokens // block_size) if cache_tokens else max_batch_size * per_seq)
+        if num_blocks - 1 < per_seq:
+            raise HerdError(f"a KV cache of {cache_tokens} tokens cannot hold one request of max_seq_len "
+                            f"{self.max_seq_len}; raise cache_tokens or lower max_seq_len.")
+        self.pool = KVPool(self.args, num_blocks, block_size, device=self.device, dtype=self.dtype)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, prefill_chunk, prefix_cache)
+        self._positions = torch.arange(per_seq * block_size, device=self.device)  # a whole number of blocks
+        # Ids at and above this are never sampled nor reported (a model whose embedding has more rows
+        # than its tokenizer has tokens: the server sets it to the tokenizer's size).
+        self.vocab_limit = self.args.vocab_size
+        self._next_id = 0
+        self._seqs: dict[int, Sequence] = {}
         self.compiled = False
         self._decode: Callable[..., Tensor] = self._decode_step
         if compile:
@@ -117,21 +142,19 @@ class Engine:
                   "running the decode step uncompiled.", file=sys.stderr)
             return
         if mode is None and self.device.type == "cpu":
-            # max-autotune-no-cudagraphs plus freezing: the weights become constants that inductor
-            # prepacks for its own GEMV kernels, which read them near the memory bandwidth (mkl's
-            # linear reaches about half of it here). So later in-place edits of the weights are not seen.
+            # Freezing makes the weights constants that inductor prepacks for its own GEMV kernels,
+            # which read them near the memory bandwidth (mkl's linear reaches about half of it here).
             # Set globally (as TORCHINDUCTOR_FREEZING=1 does): passed through options= it was not applied.
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
-            self._decode = torch.compile(self._decode_step, mode="max-autotune-no-cudagraphs", fullgraph=True,
-                                         dynamic=False)
-        else:
-            mode = mode or "reduce-overhead"
-            self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            mode = "max-autotune-no-cudagraphs"
+        # Batch size and context length change every step: one graph with dynamic shapes.
+        self._decode = torch.compile(self._decode_step, mode=mode or "max-autotune-no-cudagraphs",
+                                     fullgraph=True, dynamic=True)
         self.compiled = True
 
-    def _run_decode(self, *args: Tensor) -> Tensor:
+    def _run_decode(self, *args) -> Tensor:
         """The decode step, falling back to eager (once, with a message) if compilation fails."""
         if not self.compiled:
             return self._decode_step(*args)
@@ -143,19 +166,14 @@ class Engine:
             self.compiled, self._decode = False, self._decode_step
             return self._decode_step(*args)  # the cache writes of this step are idempotent
 
-    def _decode_step(self, tokens: Tensor, positions: Tensor, cache_pos: Tensor, mask: Tensor,
-                     cache: _CacheView) -> Tensor:
-        """One token per row: tokens [B, 1], positions [B, 1], cache_pos [1], mask [B, 1, 1, T] -> logits [B, V]."""
-        return self.model(tokens, positions=positions, mask=mask, cache=cache, cache_pos=cache_pos)[:, -1]
+    def _decode_step(self, tokens: Tensor, positions: Tensor, mask: Tensor, write: Tensor, table: Tensor) -> Tensor:
+        """One token per row: tokens/positions [B, 1], mask [B, 1, 1, T], slots write [B], blocks table [B, nb] -> [B, V]."""
+        step = PagedStep(self.pool, write, table, reuse_buffers=not self.compiled)
+        return self.model(tokens, positions=positions, mask=mask, cache=step)[:, -1]
 
-    def _view(self, b: int) -> _CacheView:
-        if b not in self._views:
-            self._views[b] = _CacheView(self.cache, b)
-        return self._views[b]
+    # -- requests ------------------------------------------------------------------------------
 
-    # -- public API ----------------------------------------------------------------------------
-
-    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
+    def check_request(self, prompt: Seq[int], params: SamplingParams) -> None:
         """Raise HerdError if this request can never run (empty, bad ids, longer than the context)."""
         if len(prompt) == 0:
             raise HerdError("the prompt is empty; give at least one token (e.g. the begin_of_text id).")
@@ -170,25 +188,182 @@ class Engine:
             raise HerdError(f"token id {bad} is outside the model's vocabulary (0..{self.args.vocab_size - 1}); "
                             "use the tokenizer the model was trained with.")
 
-    def stream(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[list[TokenEvent]]:
-        """Generate for every prompt; yield, after each step, the new token of each request still running."""
+    def add_request(self, prompt: Seq[int], params: SamplingParams,
+                    constraint: TokenConstraint | None = None) -> int:
+        """Queue a request; returns its id (the `index` of its TokenEvents). Raises HerdError if it can never run."""
+        prompt = [int(t) for t in prompt]
+        self.check_request(prompt, params)
+        rid = self._next_id
+        self._next_id += 1
+        seq = Sequence(rid, prompt, params, constraint=constraint, generator=params.make_generator(self.device))
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request now (a client went away) and give its KV blocks back. False if it had already ended."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> dict[str, float]:
+        """Running/waiting requests, KV-pool use and prefix-cache counters (for /metrics)."""
+        b = self.blocks
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": b.usable, "kv_blocks_used": b.usable - b.num_free(),
+                "kv_cache_usage": b.used_fraction(), "prefix_cache_queries": b.queries,
+                "prefix_cache_hits": b.hits, "preemptions": self.scheduler.preemptions}
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """Run one scheduling step; return the new token of every request that produced one."""
+        decode, prefill = self.scheduler.schedule()
+        produced: list[tuple[Sequence, Tensor]] = []
+        with torch.inference_mode():
+            if decode:
+                logits = self._forward([(s, 1) for s in decode], decode_only=True)
+                for s in decode:
+                    self.scheduler.computed(s, 1)
+                produced += list(zip(decode, logits))
+            if prefill:
+                logits = self._forward(prefill, decode_only=False)
+                for (s, n), row in zip(prefill, logits):
+                    self.scheduler.computed(s, n)
+                    if s.pending == 0:  # its whole prompt is in: the last logits give the next token
+                        produced.append((s, row))
+            if not produced:
+                return []
+            produced.sort(key=lambda x: x[0].id)
+            return self._sample([s for s, _ in produced], torch.stack([r for _, r in produced]))
+
+    def _forward(self, rows: list[tuple[Sequence, int]], decode_only: bool) -> Tensor:
+        """Feed rows' next n tokens (left-padded to the longest); returns each row's last logits [B, V]."""
+        dev, bs = self.device, self.block_size
+        width = max(n for _, n in rows)  # S
+        span = max(s.num_computed + n for s, n in rows)  # T: positions the longest row holds after this step
+        n_blocks = -(-span // bs)
+        tokens = torch.tensor([[0] * (width - n) + s.tokens[s.num_computed:s.num_computed + n] for s, n in rows],
+                              device=dev)  # [B, S]
+        table = torch.tensor([s.blocks[:n_blocks] + [SCRATCH_BLOCK] * (n_blocks - len(s.blocks[:n_blocks]))
+                              for s, _ in rows], device=dev)  # [B, blocks]
+        starts = torch.tensor([s.num_computed for s, _ in rows], device=dev)
+        pads = torch.tensor([width - n for _, n in rows], device=dev)
+        cols = self._positions[:width].unsqueeze(0)  # [1, S]
+        real = cols >= pads.unsqueeze(1)  # [B, S] False on left padding
+        positions = torch.where(real, starts.unsqueeze(1) + cols - pads.unsqueeze(1), 0)  # padding: position 0
+        write = table.gather(1, positions // bs) * bs + positions % bs  # [B, S] the slot of every new token
+        write = torch.where(real, write, SCRATCH_BLOCK * bs)
+        # Attention reads whole blocks: position t of a row is column t of the gathered blocks. A query at
+        # position p reads columns 0..p; a padding query (position 0) reads column 0 only.
+        t = self._positions[:n_blocks * bs]
+        mask = (t.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, nb * bs]
+        if decode_only:
+            return self._run_decode(tokens, positions, mask, write.view(-1), table)
+        step = PagedStep(self.pool, write.view(-1), table, reuse_buffers=True)
+        if not any(s.wants_prompt_logprobs for s, _ in rows):
+            return self.model(tokens, positions=positions, mask=mask, cache=step, last_only=True)[:, -1]
+        h = self.model.features(tokens, positions=positions, mask=mask, cache=step)  # [B, S, dim]
+        for i, (s, n) in enumerate(rows):
+            if s.wants_prompt_logprobs:
+                self._prompt_logprobs(s, self.model.logits(h[i, width - n:])[:, :self.vocab_limit], n)
+        return self.model.logits(h[:, -1])
+
+    def _prompt_logprobs(self, seq: Sequence, logits: Tensor, n: int) -> None:
+        """Record log p(token) of the prompt tokens this chunk's logits [n, V] predict."""
+        start = seq.num_computed
+        if start == 0:
+            seq.prompt_logprobs_partial = [None]
+        k = max(seq.params.top_logprobs, 1)
+        targets = seq.tokens[start + 1:start + n + 1]  # the last logits of the prompt predict a new token
+        if targets:
+            m = len(targets)
+            lp = token_logprobs(logits[:m], torch.tensor(targets, device=logits.device)).tolist()
+            ids, vals = top_logprobs(logits[:m], k)
+            for j in range(m):
+                seq.prompt_logprobs_partial.append((lp[j], list(zip(ids[j].tolist(), vals[j].tolist()))))
+        if start + n >= len(seq.prompt):
+            seq.prompt_logprobs = seq.prompt_logprobs_partial
+
+    def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
+        """Choose each row's next token, append it, finish the requests that are done."""
+        logits = logits[:, :self.vocab_limit]
+        plist = [s.params for s in seqs]
+        adjusted = logits
+        if any(p.penalized for p in plist):
+            adjusted = torch.stack([apply_penalties(row, s.output, s.params) for row, s in zip(logits, seqs)])
+        new = next_tokens(adjusted, plist, [s.generator for s in seqs]).tolist()
+        for i, s in enumerate(seqs):
+            if s.constraint is not None:
+                new[i] = constrained_token(adjusted[i], s.params, s.generator, s.constraint)
+                s.constraint.advance(new[i])
+        lp = top = None
+        if any(p.logprobs for p in plist):
+            lp = token_logprobs(logits, torch.tensor(new, device=logits.device)).tolist()
+            k = max(p.top_logprobs for p in plist)
+            if k:
+                ids, vals = top_logprobs(logits, k)
+                top = [list(zip(a, b)) for a, b in zip(ids.tolist(), vals.tolist())]
+        events = []
+        for i, s in enumerate(seqs):
+            tok, p = new[i], s.params
+            first = len(s.output) == 0
+            reason = "stop" if tok in p.stop_tokens else None
+            if reason is None:
+                s.tokens.append(tok)
+                if len(s.output) >= p.max_new_tokens:
+                    reason = "length"
+            events.append(TokenEvent(
+                s.id, tok, lp[i] if lp is not None and p.logprobs else None, reason,
+                top_logprobs=top[i][:p.top_logprobs] if top is not None and p.logprobs and p.top_logprobs else None,
+                prompt_logprobs=s.prompt_logprobs if first and p.prompt_logprobs else None,
+                cached_tokens=s.num_cached if first else 0))
+            if reason is not None:
+                self._seqs.pop(s.id, None)
+                self.scheduler.finish(s)
+        return events
+
+    # -- whole lists of requests ---------------------------------------------------------------
+
+    def stream(self, prompts: Seq[Seq[int]],
+               params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[list[TokenEvent]]:
+        """Generate for every prompt; yield, after each step, the new token of each request that made one.
+
+        It drives the engine itself, so it cannot share it with a running server loop."""
+        if self.has_work():
+            raise HerdError("this Engine is already serving requests; use add_request()/step() alongside them.")
         prompts = [list(map(int, p)) for p in prompts]
         plist = _params_list(params, len(prompts))
         for prompt, p in zip(prompts, plist):
             self.check_request(prompt, p)
-        for group in self._batches(prompts, plist):
-            yield from self._run_batch([prompts[i] for i in group], [plist[i] for i in group], group)
+        where = {self.add_request(prompt, p): i for i, (prompt, p) in enumerate(zip(prompts, plist))}
+        try:
+            while self.has_work():
+                events = self.step()
+                for e in events:
+                    e.index = where[e.index]
+                if events:
+                    yield events
+        finally:  # a consumer that stops early must not leave requests holding the cache
+            for rid in where:
+                self.abort(rid)
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
+    def generate(self, prompts: Seq[Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[GenerationResult]:
         """Generate for every prompt; one GenerationResult per prompt, in order."""
         plist = _params_list(params, len(prompts))
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
+        cached = [0] * len(prompts)
         results: list[GenerationResult | None] = [None] * len(prompts)
         for events in self.stream(prompts, plist):
             for e in events:
+                cached[e.index] += e.cached_tokens
                 if e.finish_reason != "stop":
                     tokens[e.index].append(e.token)
                     if e.logprob is not None:
@@ -197,89 +372,11 @@ class Engine:
                     results[e.index] = GenerationResult(
                         tokens=tokens[e.index], logprobs=logprobs[e.index] if plist[e.index].logprobs else None,
                         finish_reason=e.finish_reason, stop_token=e.token if e.finish_reason == "stop" else None,
-                        prompt_tokens=len(prompts[e.index]))
+                        prompt_tokens=len(prompts[e.index]), cached_tokens=cached[e.index])
         return results  # type: ignore[return-value]
 
-    # -- batching ------------------------------------------------------------------------------
 
-    def _batches(self, prompts: list[list[int]], plist: list[SamplingParams]) -> list[list[int]]:
-        """Split request indices into batches that fit the cache: at most max_batch_size rows, and the
-        longest prompt plus the largest max_new_tokens within max_seq_len (left padding shares columns)."""
-        out: list[list[int]] = []
-        pending = list(range(len(prompts)))
-        while pending:
-            group = pending[:self.max_batch_size]
-            while len(group) > 1 and (max(len(prompts[i]) for i in group)
-                                      + max(plist[i].max_new_tokens for i in group)) > self.max_seq_len:
-                group = group[:len(group) // 2]
-            out.append(group)
-            pending = pending[len(group):]
-        return out
-
-    def _run_batch(self, prompts: list[list[int]], plist: list[SamplingParams],
-                   indices: list[int]) -> Iterator[list[TokenEvent]]:
-        b = len(prompts)
-        lens = [len(p) for p in prompts]
-        width = max(lens)  # P: prompt columns
-        steps = max(p.max_new_tokens for p in plist)
-        dev, cache = self.device, self._view(b)
-        generators = [p.make_generator(dev) for p in plist]
-        want_logprobs = any(p.logprobs for p in plist)
-        stops = [set(p.stop_tokens) for p in plist]
-
-        with torch.inference_mode():
-            pad = torch.tensor([width - n for n in lens], device=dev)  # [B]
-            tokens = torch.zeros(b, width, dtype=torch.long, device=dev)  # pad id 0: masked out anyway
-            for i, p in enumerate(prompts):
-                tokens[i, width - len(p):] = torch.tensor(p, device=dev)
-            cols = self._slots[:width]
-            positions = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, P]
-            # mask_buf[i, 0, 0, s]: row i may read slot s. Prompt slots after the padding, then one
-            # more slot per decode step.
-            mask_buf = torch.zeros(b, 1, 1, self.max_seq_len, dtype=torch.bool, device=dev)
-            mask_buf[:, 0, 0, :width] = cols.unsqueeze(0) >= pad.unsqueeze(1)
-            causal = self._causal[:width, :width]
-            if min(lens) == width:  # no padding: plain causal mask, broadcast over rows
-                prefill_mask = causal.view(1, 1, width, width)
-            else:
-                # Padding query rows read only themselves (the diagonal) so their softmax is defined;
-                # their outputs land in slots that real tokens never read.
-                eye = torch.eye(width, dtype=torch.bool, device=dev)
-                prefill_mask = (causal & mask_buf[:, :, :, :width]) | eye  # [B, 1, P, P]
-            logits = self.model(tokens, positions=positions, mask=prefill_mask, cache=cache,
-                                cache_pos=cols, last_only=True)[:, -1]  # [B, V]
-            cur = torch.empty(b, 1, dtype=torch.long, device=dev)
-            next_pos = torch.tensor(lens, device=dev).unsqueeze(1)  # [B, 1] RoPE position of the next token
-
-        done = [False] * b
-        produced = [0] * b
-        for step in range(steps):
-            with torch.inference_mode():
-                new = next_tokens(logits, plist, generators)  # [B]
-                lp = token_logprobs(logits, new).tolist() if want_logprobs else None
-                new_list = new.tolist()
-            events = []
-            for i in range(b):
-                if done[i]:
-                    continue
-                produced[i] += 1
-                tok = new_list[i]
-                reason = "stop" if tok in stops[i] else ("length" if produced[i] >= plist[i].max_new_tokens else None)
-                done[i] = reason is not None
-                events.append(TokenEvent(indices[i], tok, lp[i] if lp is not None and plist[i].logprobs else None,
-                                         reason))
-            yield events
-            if all(done):
-                return
-            with torch.inference_mode():
-                slot = width + step
-                mask_buf[:, 0, 0, slot] = True
-                cur.copy_(new.unsqueeze(1))
-                mask = mask_buf if self.compiled else mask_buf[..., :slot + 1]  # static vs. filled part only
-                logits = self._run_decode(cur, next_pos + step, self._slots[slot:slot + 1], mask, cache)
-
-
-def _params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None:
         params = SamplingParams()
     if isinstance(params, SamplingParams):

@@ -6,12 +6,17 @@ seeded request gives the same tokens whatever else is in its batch. Temperature 
 (argmax of the raw logits; the first index wins ties, as in transformers).
 
 The filters work on logits and return logits with removed tokens set to -inf, so they compose
-and the final softmax renormalizes in one place.
+and the final softmax renormalizes in one place. Presence and frequency penalties (OpenAI's
+definition: logit -= frequency_penalty * count + presence_penalty * [count > 0], over the tokens
+generated so far) come before everything else, greedy included. A TokenConstraint (JSON mode)
+restricts the choice to the tokens it allows: the sampler tries the likely tokens first and
+builds the constraint's full mask only when they are all refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -39,6 +44,14 @@ class SamplingParams:
     """Token ids that end the generation (not included in the returned tokens)."""
     logprobs: bool = False
     """Also return the log-probability of each generated token under the unmodified distribution."""
+    top_logprobs: int = 0
+    """With logprobs: also return this many most likely alternatives (id, log-prob) at each step."""
+    prompt_logprobs: bool = False
+    """Also return log p(prompt[t] | prompt[:t]) for every prompt token (the prefix cache is then bypassed)."""
+    presence_penalty: float = 0.0
+    """Subtract this from the logit of every token already generated (OpenAI's presence_penalty, -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtract this times its count from the logit of every generated token (OpenAI's frequency_penalty, -2..2)."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -51,6 +64,15 @@ class SamplingParams:
             raise HerdError(f"min_p must be in [0, 1], got {self.min_p}; leave it unset to turn it off.")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise HerdError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            raise HerdError(f"top_logprobs must be an integer from 0 to 20, got {self.top_logprobs!r}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise HerdError(f"{name} must be between -2 and 2, got {getattr(self, name)}.")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -131,3 +153,54 @@ def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[t
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log_softmax of the unmodified logits at the chosen tokens (negative cross-entropy). [B, V], [B] -> [B]"""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def apply_penalties(logits: Tensor, generated: list[int], params: SamplingParams) -> Tensor:
+    """OpenAI's presence and frequency penalties over the generated ids, for one row. [V] -> [V]"""
+    if not generated or not params.penalized:
+        return logits
+    counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of each row of raw logits [B, V]: (ids [B, k], log-probs [B, k])."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    vals, ids = torch.topk(lp, k, dim=-1)
+    return ids, vals
+
+
+class TokenConstraint(Protocol):
+    """Restricts which token may come next (JSON mode). The engine calls advance() with each chosen token."""
+
+    def allows(self, token: int) -> bool: ...
+
+    def allowed_mask(self, vocab_size: int) -> Tensor: ...
+
+    def advance(self, token: int) -> None: ...
+
+
+def constrained_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+                      constraint: TokenConstraint, tries: int = 16) -> int:
+    """Choose the next token of one row of logits [V] among those the constraint allows.
+
+    Greedy: the most likely allowed token. Sampling: a draw from the request's filtered distribution
+    restricted to the allowed tokens. Both first try the likely candidates one by one (cheap: a
+    trained model usually proposes an allowed token) and fall back to the constraint's full mask.
+    """
+    if params.greedy:
+        for tok in torch.topk(logits, min(tries, logits.shape[-1])).indices.tolist():
+            if constraint.allows(tok):
+                return tok
+        mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
+        return int(logits.masked_fill(~mask, float("-inf")).argmax())
+    probs = sampling_probs(logits.unsqueeze(0), params)  # [1, V]
+    # Rejection sampling: the first allowed one of independent draws is a draw from the allowed part
+    # of the distribution. One multinomial call for all tries (each call scans the whole vocabulary).
+    for tok in torch.multinomial(probs, tries, replacement=True, generator=generator)[0].tolist():
+        if constraint.allows(tok):
+            return tok
+    mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
+    probs = sampling_probs(logits.masked_fill(~mask, float("-inf")).unsqueeze(0), params)[0]
+    return int(sample(probs.unsqueeze(0), generator)[0])

@@ -1,4 +1,4 @@
-"""herd.posttrain: post-training on chat data (SFT now; reward models, rejection sampling and DPO next).
+"""herd.posttrain: post-training on chat data: SFT, and the parts of reward models, DPO and PPO/GRPO.
 
 - records.py  reading chat records: jsonl (.gz / .zst), JSON arrays, parquet, files or folders
 - render.py   one record (TRL's conversational or prompt/completion format) -> ids + loss mask
@@ -7,7 +7,14 @@
 - packing.py  best-fit packing into rows with document ids, SFTBatch, SFTBatchLoader, eval_batches
 - lora.py     LoRAConfig, LoRALinear (peft's update rule), apply / merge / unmerge, frozen bf16 base
 - adapter.py  adapters on disk in peft's layout (adapter_config.json + adapter_model.safetensors)
-- cli.py      `herd merge-lora`
+- preference.py       one preference record (TRL's formats, Llama 3's ranked form) -> prompt + responses
+- preference_data.py  PreferenceDataConfig, build_preference_data -> PreferenceDataset + PreferenceReport
+- pairs.py    batches of preference examples (concat / shared-prompt rows), per-response log-probs
+- losses.py   Bradley-Terry, DPO (sigmoid / ipo, label smoothing, length norm, Llama 3 mask), NLL term
+- rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
+- reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
+- average.py  weighted averages of checkpoints, reward models and LoRA adapters
+- cli.py      `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
 
 Names are imported lazily, so `import herd.posttrain` stays cheap.
 """
@@ -49,6 +56,37 @@ _EXPORTS = {
     "save_adapter": "herd.posttrain.adapter",
     "read_adapter": "herd.posttrain.adapter",
     "load_adapter": "herd.posttrain.adapter",
+    "Preference": "herd.posttrain.preference",
+    "RenderedPreference": "herd.posttrain.preference",
+    "to_preference": "herd.posttrain.preference",
+    "render_preference": "herd.posttrain.preference",
+    "PreferenceDataConfig": "herd.posttrain.preference_data",
+    "PreferenceDataset": "herd.posttrain.preference_data",
+    "PreferenceData": "herd.posttrain.preference_data",
+    "PreferenceReport": "herd.posttrain.preference_data",
+    "build_preference_data": "herd.posttrain.preference_data",
+    "PreferenceBatch": "herd.posttrain.pairs",
+    "PreferenceBatchLoader": "herd.posttrain.pairs",
+    "collate_preferences": "herd.posttrain.pairs",
+    "response_logprobs": "herd.posttrain.pairs",
+    "sequence_sums": "herd.posttrain.pairs",
+    "bradley_terry_loss": "herd.posttrain.losses",
+    "dpo_loss": "herd.posttrain.losses",
+    "dpo_objective": "herd.posttrain.losses",
+    "DPOConfig": "herd.posttrain.losses",
+    "gae": "herd.posttrain.rl",
+    "kl_penalty": "herd.posttrain.rl",
+    "token_rewards": "herd.posttrain.rl",
+    "ppo_policy_loss": "herd.posttrain.rl",
+    "ppo_value_loss": "herd.posttrain.rl",
+    "grpo_advantages": "herd.posttrain.rl",
+    "RewardModel": "herd.posttrain.reward",
+    "RewardScorer": "herd.posttrain.reward",
+    "reward_model_from_checkpoint": "herd.posttrain.reward",
+    "save_reward_model": "herd.posttrain.reward",
+    "load_reward_model": "herd.posttrain.reward",
+    "load_reward_scorer": "herd.posttrain.reward",
+    "average_checkpoints": "herd.posttrain.average",
 }
 
 __all__ = list(_EXPORTS)

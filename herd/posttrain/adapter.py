@@ -98,7 +98,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
     return folder
 
 
-def _check_config(cfg: dict[str, Any], path: Path) -> None:
+def check_adapter_config(cfg: dict[str, Any], path: Path) -> None:
+    """HerdError naming what herd's LoRA does not support in a peft adapter_config.json."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise HerdError(f"{path} describes a {cfg.get('peft_type')} adapter; herd loads LoRA adapters only.")
     unsupported = [k for k in ("use_dora", "use_qalora", "lora_bias") if cfg.get(k)]
@@ -122,7 +123,7 @@ def read_adapter(folder: str | os.PathLike, args: Any) -> tuple[AdapterSpec, dic
         raise HerdError(f"{folder} is not a LoRA adapter folder (needs {CONFIG} and {WEIGHTS}); pass the folder "
                         "herd's save_adapter or peft's save_pretrained wrote.")
     cfg = read_json(folder / CONFIG)
-    _check_config(cfg, folder / CONFIG)
+    check_adapter_config(cfg, folder / CONFIG)
     state: dict[str, Tensor] = {}
     modules: list[str] = []
     for key, t in read_safetensors(folder / WEIGHTS).items():

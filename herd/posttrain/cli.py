@@ -1,5 +1,6 @@
-"""`herd sft` (supervised fine-tuning; flags from SFTConfig) and `herd merge-lora` (fold a LoRA adapter,
-herd's or peft's, into its base model and save it in any format).
+"""`herd sft` (supervised fine-tuning; flags from SFTConfig), `herd merge-lora` (fold a LoRA adapter,
+herd's or peft's, into its base model, any output format) and `herd average` (the weighted mean of
+checkpoints, reward models or adapters). `herd score` lives in score_cli.py.
 
     herd sft --init-from ckpt/ --data chats.jsonl --out runs/sft
     herd sft --out runs/sft --resume                      # the run's saved settings; flags given override
@@ -110,3 +111,40 @@ def resolve_sft_config(ns: argparse.Namespace, say: Any = print):
     say(f"resuming {latest} with its saved settings" + ("; overridden: " + ", ".join(changes) if changes
                                                         else " (no flag overrides them)"))
     return cfg
+
+
+def add_average_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT",
+                        help="two or more checkpoints of one architecture (herd, Hugging Face or Meta format; or reward "
+                             "models; or LoRA adapters of one base)")
+    parser.add_argument("out", type=Path, metavar="OUT", help="folder to write the average into")
+    parser.add_argument("--format", choices=["herd", "hf", "meta"], default=None,
+                        help="format to write a model in (default: herd; reward models are written as hf, adapters "
+                             "in peft's layout)")
+    parser.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None,
+                        help="dtype of the averaged weights (default: the first input's); the sums are float32")
+    parser.add_argument("--weights", default=None,
+                        help="comma-separated weight of each checkpoint, normalized to sum 1 (default: equal)")
+    parser.add_argument("--shards", type=int, default=1, help="number of weight files")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer.model to copy beside the weights (default: the inputs' own, which must agree)")
+    add_bool_flag(parser, "--overwrite", default=False, help="replace an existing checkpoint at OUT")
+
+
+def run_average(ns: argparse.Namespace) -> int:
+    from herd.posttrain.average import average_checkpoints
+
+    weights = None
+    if ns.weights is not None:
+        try:
+            weights = [float(w) for w in ns.weights.split(",") if w.strip()]
+        except ValueError:
+            raise HerdError(f"--weights '{ns.weights}' is not a comma-separated list of numbers.") from None
+    print(f"averaging {len(ns.checkpoints)} checkpoints ...", file=sys.stderr, flush=True)
+    what = average_checkpoints(ns.checkpoints, ns.out, format=ns.format, dtype=ns.dtype, weights=weights,
+                               shards=ns.shards, tokenizer=ns.tokenizer, overwrite=ns.overwrite)
+    total = sum(weights) if weights else 0.0
+    shown = ", ".join(f"{p} x {w / total:.3g}" for p, w in zip(ns.checkpoints, weights)) if total else \
+        ", ".join(map(str, ns.checkpoints))
+    print(f"averaged {shown} in float32; wrote {what} to {ns.out}")
+    return 0

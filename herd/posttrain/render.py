@@ -69,7 +69,11 @@ def _content(content: Any, index: int) -> Any:
     return content
 
 
-def _messages(value: Any, what: str, offset: int = 0) -> list[dict[str, Any]]:
+def parse_messages(value: Any, what: str, offset: int = 0) -> list[dict[str, Any]]:
+    """A record field as a list of message dicts (content parts joined, unset fields dropped), or RecordError.
+
+    what: the field's name for the error; offset: index of the first message (for the error).
+    """
     if not isinstance(value, list):
         raise RecordError("bad_messages", f"'{what}' is a {type(value).__name__}, not a list of messages")
     out = []
@@ -85,8 +89,8 @@ def _messages(value: Any, what: str, offset: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def to_conversation(record: dict[str, Any], text_pairs: str = "chat") -> Conversation:
-    """The Conversation a record describes, or RecordError (unknown_format, bad_messages, unknown_role)."""
+def parse_tools(record: dict[str, Any]) -> list[Any] | None:
+    """A record's "tools" (a list, or a JSON string as parquet stores it), None when absent or empty."""
     tools = record.get("tools")
     if isinstance(tools, str):
         try:
@@ -95,9 +99,14 @@ def to_conversation(record: dict[str, Any], text_pairs: str = "chat") -> Convers
             raise RecordError("bad_messages", "'tools' is a string that is not JSON") from None
     if tools is not None and not isinstance(tools, list):
         raise RecordError("bad_messages", f"'tools' is a {type(tools).__name__}, not a list of function schemas")
-    tools = tools or None
+    return tools or None
+
+
+def to_conversation(record: dict[str, Any], text_pairs: str = "chat") -> Conversation:
+    """The Conversation a record describes, or RecordError (unknown_format, bad_messages, unknown_role)."""
+    tools = parse_tools(record)
     if record.get("messages") is not None:
-        messages = _messages(record["messages"], "messages")
+        messages = parse_messages(record["messages"], "messages")
         if not messages:
             raise RecordError("no_assistant_turn", "'messages' is empty")
         return Conversation(messages, 0, tools)
@@ -109,8 +118,8 @@ def to_conversation(record: dict[str, Any], text_pairs: str = "chat") -> Convers
             prompt = [{"role": "user", "content": prompt}]
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
-        prompt = _messages(prompt, "prompt")
-        return Conversation(prompt + _messages(completion, "completion", len(prompt)), len(prompt), tools)
+        prompt = parse_messages(prompt, "prompt")
+        return Conversation(prompt + parse_messages(completion, "completion", len(prompt)), len(prompt), tools)
     keys = ", ".join(sorted(map(str, record))[:6]) or "none"
     hint = ""
     if "chosen" in record or "rejected" in record:

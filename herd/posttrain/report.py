@@ -9,7 +9,7 @@ HerdError a user sees.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from herd.errors import HerdError
 
@@ -55,6 +55,11 @@ class DataReport:
     """Dropped records (and problem files) by reason."""
     samples: dict[str, list[str]] = field(default_factory=dict)
     """The first few 'file:line: detail' of each reason."""
+    reasons: ClassVar[dict[str, str]] = REASONS
+    """What each reason means (a subclass for other kinds of data adds its own)."""
+    kind: ClassVar[str] = "SFT example"
+    formats: ClassVar[str] = "TRL's conversational {'messages': [...]} or {'prompt', 'completion'} format"
+    """What an example is and the formats that make one, for the nothing-usable error."""
 
     def count(self, reason: str, where: str, detail: str = "") -> None:
         """Record one dropped record (or problem file) under `reason`."""
@@ -77,7 +82,7 @@ class DataReport:
                  f"dropped {self.dropped_records:,}; {self.tokens:,} tokens, {self.trained_tokens:,} learned"]
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             example = self.samples.get(reason, [""])[0]
-            lines.append(f"  {reason}: {n:,} - {REASONS.get(reason, reason)}" + (f" (e.g. {example})" if example else ""))
+            lines.append(f"  {reason}: {n:,} - {self.reasons.get(reason, reason)}" + (f" (e.g. {example})" if example else ""))
         return "\n".join(lines)
 
     def nothing_usable(self, what: str) -> HerdError:
@@ -89,6 +94,5 @@ class DataReport:
         else:
             top = sorted(self.dropped.items(), key=lambda kv: -kv[1])[:3]
             why = f"all {self.records:,} records were dropped: " + "; ".join(
-                f"{n:,} {r} ({REASONS.get(r, r)}; e.g. {self.samples[r][0]})" for r, n in top)
-        return HerdError(f"no usable SFT example in {what}: {why}; fix the data, or pass files of TRL's "
-                         "conversational {'messages': [...]} or {'prompt', 'completion'} format.")
+                f"{n:,} {r} ({self.reasons.get(r, r)}; e.g. {self.samples[r][0]})" for r, n in top)
+        return HerdError(f"no usable {self.kind} in {what}: {why}; fix the data, or pass files of {self.formats}.")
