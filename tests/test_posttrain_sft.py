@@ -266,3 +266,32 @@ def test_sft_help_lists_every_group(capsys):
     for flag in ("--init-from", "--data", "--train-on", "--packing", "--lora-rank", "--lora-targets", "--merge",
                  "--export-format", "--resume", "--eval-every", "--sample-prompts"):
         assert flag in text
+
+
+def test_lora_on_an_int8_base_trains_and_merges_into_the_float_weights(base, chats, tmp_path):
+    """QLoRA-style: the block linears held as int8 weight-only layers (a quarter of fp32), adapters fp32."""
+    from herd.posttrain.lora import LoRAConfig
+    from herd.posttrain.policy import load_policy, policy_args
+    from herd.quant import Int8Linear
+
+    lora = LoRAConfig(lora_rank=4, lora_alpha=8, lora_targets=["all-linear"], lora_base_dtype="int8")
+    args = policy_args(base)
+    model = load_policy(base, args, None, "cpu", lora=lora)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * CHAT_SHAPE["n_layers"]
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    tokens = torch.randint(0, 128000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = load_checkpoint(base)(tokens), model.eval()(tokens)
+    assert 0 < float((got - want).norm() / want.norm()) < 0.02  # per-channel int8: close, not equal
+
+    out = tmp_path / "run"
+    sft(config(base, chats, out, lora_rank=4, lora_alpha=8, lora_targets=["all-linear"], lora_base_dtype="int8",
+               lr=2e-2, steps=4, eval_every=0, sample_prompts=0, merge=True))
+    curve = losses(out)
+    assert curve[-1] < curve[0]
+    merged = load_checkpoint(out / "final")  # the adapters folded into the float32 checkpoint weights
+    assert merged.layers[0].attention.wq.weight.dtype == torch.float32
+    float_base = load_checkpoint(base)
+    load_adapter(float_base, out / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens), float_base.eval()(tokens), atol=2e-5, rtol=1e-4)

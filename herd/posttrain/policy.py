@@ -15,7 +15,9 @@ keeping its slice. So one process and any FSDP layout start from the very same w
 train the same way.
 
 A LoRA base may be held in bf16 (lora_base_dtype): the frozen weights are converted as they are
-copied, the adapters stay float32. LoRA under tensor parallel is not supported (the TP plans
+copied, the adapters stay float32. With int8 the block linear layers (wq ... w3) become int8
+weight-only layers (herd.quant, per-channel scales, QLoRA-style), quantized from the checkpoint's
+float weights as they load; embeddings, norms and the output layer stay float32. LoRA under tensor parallel is not supported (the TP plans
 shard the plain linear layers the adapters wrap).
 """
 
@@ -71,8 +73,13 @@ def load_policy(init_from: str | Path, args: ModelArgs, mesh: DeviceMesh | None,
                         "or full fine-tuning.")
     with torch.device("meta"):
         model = Transformer(args)
+    int8 = use_lora and lora.lora_base_dtype == "int8"
     if use_lora:
         model.to(base_dtype(lora.lora_base_dtype, device))  # the frozen base; adapters below stay float32
+        if int8:  # every block linear becomes an (empty) int8 weight-only layer, filled after loading
+            from herd.quant import QuantConfig, quantize_model
+
+            quantize_model(model, QuantConfig(method="int8", output="none"), empty=True)
         apply_lora(model, lora)
     if not trainable:
         model.requires_grad_(False)
@@ -85,8 +92,23 @@ def load_policy(init_from: str | Path, args: ModelArgs, mesh: DeviceMesh | None,
     model.to_empty(device=device)
     full = _full_tensors(model, weights, seed)
     load_full_state_dict(model, full)
+    if int8:
+        _fill_int8(model, weights)
     model.reset_buffers()
     return model
+
+
+@torch.no_grad()
+def _fill_int8(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Quantize each int8 layer's float checkpoint weight into its buffers (whole on every rank: FSDP2
+    shards parameters, and these are buffers)."""
+    from herd.quant.int8 import Int8Linear, aligned, quantize_int8
+
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            q, scale = quantize_int8(weights[_base_name(name + ".weight")])
+            module.weight_int8 = aligned(q.to(module.weight_int8.device))
+            module.scale = aligned(scale.to(module.scale.device))
 
 
 def _full_tensors(model: nn.Module, weights: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
