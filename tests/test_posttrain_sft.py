@@ -16,7 +16,7 @@ import torch
 from herd.checkpoint import load_checkpoint
 from herd.cli import main
 from herd.errors import HerdError
-from herd.posttrain import sft as sft_module
+import herd.posttrain.sft as sft_module
 from herd.posttrain.adapter import load_adapter
 from herd.posttrain.config import SFTConfig
 from herd.posttrain.dataset import build_sft_data
