@@ -137,6 +137,19 @@ def run_one(name: str, ns: argparse.Namespace) -> dict:
             "step_s": statistics.median(times), "first_loss": losses[0]}
 
 
+def _without_configs(argv: list[str]) -> list[str]:
+    """argv without --configs and its value (given as one '--configs=...' or two arguments)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--configs":
+            skip = True
+        elif not a.startswith("--configs="):
+            out.append(a)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="herd-100m")
@@ -159,7 +172,7 @@ def main() -> None:
           f"{'step s':>7} {'loss':>8}")
     results = {}
     for name in [c.strip() for c in ns.configs.split(",") if c.strip()]:
-        cmd = [sys.executable, __file__, "--run", name] + [a for a in sys.argv[1:] if not a.startswith("--configs")]
+        cmd = [sys.executable, __file__, "--run", name] + _without_configs(sys.argv[1:])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
