@@ -8,6 +8,8 @@ the two differ only in the model and adapter code. Configurations:
     herd full fp32    every weight trained (the baseline LoRA is meant to beat)
     herd lora fp32    frozen fp32 base, fp32 adapters
     herd lora bf16    frozen bf16 base, fp32 adapters (the low-memory base)
+    herd lora int8    the block linear layers int8 weight-only (herd.quant, QLoRA-style), the rest of the
+                      base fp32, fp32 adapters
     peft lora fp32    peft.get_peft_model on the transformers model, fp32 base
     peft lora bf16    the same with a bf16 base (peft keeps the adapters in fp32 by default)
 
@@ -33,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ["herd full fp32", "herd lora fp32", "herd lora bf16", "peft lora fp32", "peft lora bf16"]
+CONFIGS = ["herd full fp32", "herd lora fp32", "herd lora bf16", "herd lora int8", "peft lora fp32", "peft lora bf16"]
 
 
 def _rss() -> dict[str, int]:
@@ -70,6 +72,10 @@ def run_one(name: str, ns: argparse.Namespace) -> dict:
     model = init_model(args, seed=0, dtype=dtype)  # allocated once, directly in its dtype
     targets = resolve_targets(ns.targets.split(","))
     if kind == "herd":
+        if dtype_name == "int8":
+            from herd.quant import QuantConfig, quantize_model
+
+            quantize_model(model, QuantConfig(method="int8", output="none"))  # the float block weights are freed
         if mode == "lora":
             apply_lora(model, LoRAConfig(lora_rank=ns.rank, lora_alpha=2 * ns.rank, lora_targets=targets))
         else:
@@ -107,7 +113,9 @@ def run_one(name: str, ns: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (ns.batch, ns.seq + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    storages = {p.untyped_storage().data_ptr(): p for p in net.parameters() if not p.requires_grad}
+    frozen_tensors = [p for p in net.parameters() if not p.requires_grad] + [b for n, b in net.named_buffers()
+                                                                            if "weight_int8" in n or n.endswith(".scale")]
+    storages = {p.untyped_storage().data_ptr(): p for p in frozen_tensors}
     frozen = sum(p.numel() * p.element_size() for p in storages.values())  # a tied matrix counts once
     trainable = sum(p.numel() * p.element_size() for p in params)
     _reset_peak()
@@ -127,6 +135,19 @@ def run_one(name: str, ns: argparse.Namespace) -> dict:
             "trainable_bytes": trainable, "state_bytes": 2 * trainable + trainable,  # grads + Adam m, v
             "rss_imports": imports, "rss_before": before, "step_peak": peak - imports,
             "step_s": statistics.median(times), "first_loss": losses[0]}
+
+
+def _without_configs(argv: list[str]) -> list[str]:
+    """argv without --configs and its value (given as one '--configs=...' or two arguments)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--configs":
+            skip = True
+        elif not a.startswith("--configs="):
+            out.append(a)
+    return out
 
 
 def main() -> None:
@@ -151,7 +172,7 @@ def main() -> None:
           f"{'step s':>7} {'loss':>8}")
     results = {}
     for name in [c.strip() for c in ns.configs.split(",") if c.strip()]:
-        cmd = [sys.executable, __file__, "--run", name] + [a for a in sys.argv[1:] if not a.startswith("--configs")]
+        cmd = [sys.executable, __file__, "--run", name] + _without_configs(sys.argv[1:])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
@@ -166,9 +187,11 @@ def main() -> None:
         if h and p:
             print(f"lora {dt}: herd/peft step peak {h['step_peak'] / p['step_peak']:.2f}x, "
                   f"step time peft/herd {p['step_s'] / h['step_s']:.2f}x (>1 = herd faster)")
-    full, low = results.get("herd full fp32"), results.get("herd lora bf16")
-    if full and low:
-        print(f"herd lora bf16 vs full fine-tuning fp32: step peak {low['step_peak'] / full['step_peak']:.2f}x")
+    full = results.get("herd full fp32")
+    for dt in ("bf16", "int8"):
+        low = results.get(f"herd lora {dt}")
+        if full and low:
+            print(f"herd lora {dt} vs full fine-tuning fp32: step peak {low['step_peak'] / full['step_peak']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,12 @@ def test_bad_adapters_and_settings(base, tmp_path):
     with pytest.raises(HerdError, match="lora_rank >= 1"):
         apply_lora(copy.deepcopy(base), LoRAConfig(lora_rank=0))
     with pytest.raises(HerdError, match="lora-base-dtype"):
-        LoRAConfig(lora_rank=2, lora_base_dtype="int8").validate()
+        LoRAConfig(lora_rank=2, lora_base_dtype="int4").validate()
+    from herd.quant import quantize_model
+
+    int8 = _adapted(quantize_model(copy.deepcopy(base), "int8"), targets=["wq"])  # an int8 base takes adapters...
+    with pytest.raises(HerdError, match="merge it into the float checkpoint"):
+        merge_lora(int8)  # ...but cannot hold their update
     with pytest.raises(HerdError, match="no LoRA adapters"):
         save_adapter(copy.deepcopy(base), tmp_path / "none")
     twice = _adapted(base, targets=["wq"])

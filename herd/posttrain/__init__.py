@@ -5,8 +5,14 @@
 - dataset.py  SFTDataConfig, build_sft_data: render, length handling, validation split -> SFTDataset
 - report.py   DataReport: what was read, kept, truncated, dropped and why
 - packing.py  best-fit packing into rows with document ids, SFTBatch, SFTBatchLoader, eval_batches
-- lora.py     LoRAConfig, LoRALinear (peft's update rule), apply / merge / unmerge, frozen bf16 base
+- lora.py     LoRAConfig, LoRALinear (peft's update rule), apply / merge / unmerge, frozen bf16 / int8 base
 - adapter.py  adapters on disk in peft's layout (adapter_config.json + adapter_model.safetensors)
+- config.py   FinetuneConfig (what every post-training loop shares) and SFTConfig, flat, the flags
+- policy.py   load_policy: --init-from (+ LoRA) built straight into its parallel layout; frozen references
+- resume.py   where a run starts, what must match on resume, trainable-only train state
+- replies.py  held-out prompts and greedy chat replies (did each end with <|eot_id|>?)
+- export.py   the end of a run: OUT/final in any format, or OUT/adapter (peft layout) [+ merged]
+- sft.py      the SFT loop (`herd sft`);  synthetic.py  a stdlib docstring instruction set
 - preference.py       one preference record (TRL's formats, Llama 3's ranked form) -> prompt + responses
 - preference_data.py  PreferenceDataConfig, build_preference_data -> PreferenceDataset + PreferenceReport
 - pairs.py    batches of preference examples (concat / shared-prompt rows), per-response log-probs
@@ -14,7 +20,7 @@
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
-- cli.py      `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
+- cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
 
 Names are imported lazily, so `import herd.posttrain` stays cheap.
 """
@@ -53,6 +59,14 @@ _EXPORTS = {
     "load_lora_state_dict": "herd.posttrain.lora",
     "mark_only_lora_trainable": "herd.posttrain.lora",
     "parameter_bytes": "herd.posttrain.lora",
+    "FinetuneConfig": "herd.posttrain.config",
+    "SFTConfig": "herd.posttrain.config",
+    "load_policy": "herd.posttrain.policy",
+    "policy_args": "herd.posttrain.policy",
+    "heldout_prompts": "herd.posttrain.replies",
+    "chat_replies": "herd.posttrain.replies",
+    "export_policy": "herd.posttrain.export",
+    "docstring_qa": "herd.posttrain.synthetic",
     "save_adapter": "herd.posttrain.adapter",
     "read_adapter": "herd.posttrain.adapter",
     "load_adapter": "herd.posttrain.adapter",

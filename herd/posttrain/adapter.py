@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from herd import fileio
-from herd.checkpoint.common import read_json, read_safetensors, write_safetensors
+from herd.checkpoint.common import copy_tokenizer, read_json, read_safetensors, write_safetensors
 from herd.checkpoint.hf import from_hf_rows, herd_name, hf_name, to_hf_rows
 from herd.errors import HerdError
 from herd.posttrain.lora import BLOCK_TARGETS, LoRALinear, load_lora_state_dict, lora_modules, mark_only_lora_trainable, wrap_modules
@@ -70,8 +70,11 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write the model's LoRA adapters as a peft adapter folder (atomically); returns the folder."""
+                 overwrite: bool = False, tokenizer_path: str | os.PathLike | None = None) -> Path:
+    """Write the model's LoRA adapters as a peft adapter folder (atomically); returns the folder.
+
+    tokenizer_path: a tokenizer.model to copy beside them (peft ignores it; herd finds it there).
+    """
     modules = lora_modules(model)
     if not modules:
         raise HerdError("the model has no LoRA adapters to save; apply_lora or load_adapter first.")
@@ -91,6 +94,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
     with fileio.atomic_folder(folder, overwrite=overwrite, replaceable=lambda d: (d / CONFIG).is_file()) as tmp:
         write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer(tokenizer_path, tmp)
     return folder
 
 

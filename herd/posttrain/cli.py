@@ -1,15 +1,25 @@
-"""`herd merge-lora` (fold a LoRA adapter into its base model, any output format) and `herd average`
-(the weighted mean of checkpoints, reward models or adapters). `herd score` lives in score_cli.py."""
+"""`herd sft` (supervised fine-tuning; flags from SFTConfig), `herd merge-lora` (fold a LoRA adapter,
+herd's or peft's, into its base model, any output format) and `herd average` (the weighted mean of
+checkpoints, reward models or adapters). `herd score` lives in score_cli.py.
+
+    herd sft --init-from ckpt/ --data chats.jsonl --out runs/sft
+    herd sft --out runs/sft --resume                      # the run's saved settings; flags given override
+    torchrun --nproc-per-node 2 --no-python herd sft --init-from ckpt/ --data chats.jsonl --dp 2
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from herd.checkpoint.common import DTYPES
 from herd.errors import HerdError
-from herd.flags import add_bool_flag
+from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args, set_flags
 
 _DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
 
@@ -50,6 +60,57 @@ def run_merge_lora(ns: argparse.Namespace) -> int:
     print(f"merged {n} LoRA adapters (rank {first.rank}, alpha {first.alpha:g}) from {ns.adapter} into {ns.base}; "
           f"wrote {ns.format} checkpoint ({dtype}{', tokenizer' if tokenizer else ''}) to {ns.out}")
     return 0
+
+
+def add_sft_args(parser: argparse.ArgumentParser) -> None:
+    from herd.posttrain.config import SFTConfig
+    from herd.posttrain.dataset import SFTDataConfig
+    from herd.posttrain.lora import LoRAConfig
+
+    data_fields = tuple(f.name for f in dataclasses.fields(SFTDataConfig) if f.name != "seed") + ("packing",)
+    lora_fields = tuple(f.name for f in dataclasses.fields(LoRAConfig))
+    add_dataclass_args(parser, SFTConfig, skip=data_fields + lora_fields, group="model, training and output")
+    add_dataclass_args(parser, SFTConfig, skip=tuple(f.name for f in dataclasses.fields(SFTConfig)
+                                                     if f.name not in data_fields), group="chat data")
+    add_dataclass_args(parser, LoRAConfig, group="LoRA (on with --lora-rank > 0)")
+
+
+def run_sft(ns: argparse.Namespace) -> int:
+    from herd.parallel import destroy, is_main
+    from herd.posttrain.sft import sft
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # before the process group exists
+    cfg = resolve_sft_config(ns, say=lambda line: print(line, file=sys.stderr, flush=True) if main_rank else None)
+    try:
+        summary = sft(cfg)
+        if is_main():
+            keys = ("steps", "total_steps", "val_loss", "tokens_per_s", "final", "adapter", "stopped_at")
+            print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    finally:
+        destroy()
+    return 0
+
+
+def resolve_sft_config(ns: argparse.Namespace, say: Any = print):
+    """SFTConfig from the flags; with --resume and a checkpoint in --out, that run's saved settings with
+    only the flags given applied (each override reported through `say`), as `herd pretrain` does."""
+    from herd.posttrain.config import SFTConfig
+    from herd.posttrain.resume import FIXED_ON_RESUME
+    from herd.train.config import resumed_config
+    from herd.train.state import latest_state, read_state_info
+
+    cfg = dataclass_from_args(SFTConfig, ns)
+    if not cfg.resume:
+        return cfg
+    latest = latest_state(Path(cfg.out) / "checkpoints", warn=lambda _: None)  # the loop warns once
+    if latest is None:
+        return cfg
+    info = read_state_info(latest)
+    cfg, changes = resumed_config(info.get("config", {}), set_flags(SFTConfig, ns), int(info.get("step", 0)),
+                                  where=str(latest), cls=SFTConfig, fixed=FIXED_ON_RESUME)
+    say(f"resuming {latest} with its saved settings" + ("; overridden: " + ", ".join(changes) if changes
+                                                        else " (no flag overrides them)"))
+    return cfg
 
 
 def add_average_args(parser: argparse.ArgumentParser) -> None:

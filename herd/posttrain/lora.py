@@ -13,6 +13,8 @@ as peft's LoRA layer computes it (peft/tuners/lora/layer.py: A kaiming-uniform w
 B zero, so the adapted model starts equal to the base; merge adds (B @ A) * scaling to the
 weight). Adapters stay float32 whatever the base dtype (a bfloat16 base halves its memory and has
 no gradients or optimizer state); the adapter path runs in float32 and its output is cast back.
+The base may also be a frozen int8 weight-only layer (herd.quant.Int8Linear, QLoRA-style: a
+quarter of the float32 memory); such an adapter is merged into the float checkpoint, not into it.
 The model file is not touched: wrapping replaces modules from outside, so state-dict names gain
 ".base" (layers.0.attention.wq.base.weight) until merge_lora unwraps them.
 """
@@ -38,7 +40,7 @@ HF_TARGET_NAMES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo
 TARGET_GROUPS = {"attention": ["wq", "wk", "wv", "wo"], "mlp": ["w1", "w2", "w3"],
                  "all-linear": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
 """Shorthands; all-linear is peft's (every linear layer except the output)."""
-BASE_DTYPES = ("auto", "fp32", "bf16")
+BASE_DTYPES = ("auto", "fp32", "bf16", "int8")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class LoRAConfig:
     lora_rslora: bool = False
     """rsLoRA scaling alpha / sqrt(r), which keeps the update size steady as r grows."""
     lora_base_dtype: str = "auto"
-    """dtype the frozen base is held in: bf16 (half the memory), fp32, or auto (bf16 on GPU, fp32 on CPU)."""
+    """dtype the frozen base is held in: bf16 (half the memory), int8 (block linear layers int8 weight-only, QLoRA-style), fp32, or auto (bf16 on GPU, fp32 on CPU)."""
 
     @property
     def scaling(self) -> float:
@@ -69,8 +71,7 @@ class LoRAConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise HerdError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.lora_base_dtype not in BASE_DTYPES:
-            raise HerdError(f"unknown --lora-base-dtype '{self.lora_base_dtype}'; use one of: {', '.join(BASE_DTYPES)} "
-                            "(an int8 base is not supported yet).")
+            raise HerdError(f"unknown --lora-base-dtype '{self.lora_base_dtype}'; use one of: {', '.join(BASE_DTYPES)}.")
         resolve_targets(self.lora_targets)
 
 
@@ -97,10 +98,11 @@ def resolve_targets(names: Iterable[str]) -> list[str]:
 
 
 def base_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The dtype to hold a frozen base in: lora_base_dtype resolved for `device`."""
+    """The float dtype to hold a frozen base in: lora_base_dtype resolved for `device` (int8: the
+    layers that are not quantized, embeddings, norms and the output layer, stay float32)."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[name]
 
 
 class LoRALinear(nn.Module):
@@ -111,9 +113,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise HerdError(f"LoRA rank must be at least 1, got {rank}.")
-        weight = base.weight
+        # an nn.Linear, or a frozen quantized linear (herd.quant's Int8Linear: int8 buffers, no weight)
+        weight = base.weight if isinstance(base, nn.Linear) else next(base.buffers())
         self.base = base
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = scaling(alpha, rank, rslora)
         # on the base's device, the meta device included (a model materialized later with to_empty
@@ -138,7 +141,7 @@ class LoRALinear(nn.Module):
         loss reads the output layer's (Transformer.output_weight). It costs one [out, in] matrix
         and leaves out the adapter dropout, which acts on inputs only the layer call sees.
         """
-        w = self.base.weight
+        w = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
         if self.merged:
             return w
         return w + (self.lora_B.weight @ self.lora_A.weight * self.scaling).to(w.dtype)
@@ -158,6 +161,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update to the base weight (in float32, rounded once to the base dtype); forward skips the adapter."""
+        if not isinstance(self.base, nn.Linear):
+            raise HerdError("the adapter sits on a quantized (int8) base, which cannot hold the update; merge it into "
+                            "the float checkpoint instead (herd merge-lora BASE ADAPTER OUT).")
         if not self.merged:
             w = self.base.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -197,12 +203,17 @@ def wrap_modules(model: nn.Module, names: Iterable[str], rank: int, alpha: float
         module = getattr(parent, child)
         if isinstance(module, LoRALinear):
             raise HerdError(f"{name} already has a LoRA adapter; merge or remove it before adding another.")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not _frozen_quantized(module):
             raise HerdError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt.")
         wrapped = LoRALinear(module, rank, alpha, dropout, rslora, dtype)
         setattr(parent, child, wrapped)
         out[name] = wrapped
     return out
+
+
+def _frozen_quantized(module: nn.Module) -> bool:
+    """A weight-only quantized linear layer (herd.quant.Int8Linear): frozen buffers, a dequantize method."""
+    return hasattr(module, "dequantize") and hasattr(module, "in_features") and not any(True for _ in module.parameters())
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype = torch.float32) -> dict[str, LoRALinear]:

@@ -7,10 +7,11 @@ and only flags given explicitly override a saved value (`resumed_config`), each 
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from herd.errors import HerdError
+from herd.flags import field_default
 
 
 DEFAULT_PRESET = "herd-1m"
@@ -212,14 +213,18 @@ _PER_INVOCATION = ("stop_at",)
 
 
 def resumed_config(saved: dict[str, Any], explicit: dict[str, Any], step: int,
-                   where: str = "the checkpoint") -> tuple[TrainConfig, list[str]]:
+                   where: str = "the checkpoint", cls: type = TrainConfig,
+                   fixed: dict[str, str] | None = None) -> tuple[Any, list[str]]:
     """The config of a resumed run: the saved one, with only the `explicit` flags applied.
 
     saved: the config stored in train_state.json; explicit: the flags the user set
     (herd.flags.set_flags); step: the checkpoint's step. Returns (config, one "--flag new (was
     old)" string per override). HerdError for an override that cannot continue the run.
+    cls, fixed: the config class (another loop's, e.g. SFTConfig) and its settings that cannot
+    change on resume (default: TrainConfig's FIXED_ON_RESUME).
     """
-    defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(TrainConfig)}
+    fixed = FIXED_ON_RESUME if fixed is None else fixed
+    defaults = {f.name: field_default(f) for f in fields(cls)}
     # a field added since the save gets its default
     base = {k: (v if k in _PER_INVOCATION else saved.get(k, v)) for k, v in defaults.items()}
     changes = []
@@ -229,12 +234,12 @@ def resumed_config(saved: dict[str, Any], explicit: dict[str, Any], step: int,
         if key == "preset" and (base[key] or (None if base.get("init_from") else DEFAULT_PRESET)) == value:
             continue  # the preset the saved run used by default, now named
         flag = "--" + key.replace("_", "-")
-        if key in FIXED_ON_RESUME:
+        if key in fixed:
             raise HerdError(f"{where} was trained with {flag} {base[key]} and cannot continue with {value} "
-                            f"({FIXED_ON_RESUME[key]}); drop {flag} to resume, or start a new run with a new --out.")
+                            f"({fixed[key]}); drop {flag} to resume, or start a new run with a new --out.")
         if key == "steps" and value <= step:
             raise HerdError(f"--steps {value} does not go past {where}'s step {step}; pass a larger --steps "
                             "or drop it to finish the saved schedule.")
         changes.append(f"{flag} {value} (was {base[key]})")
-    cfg = TrainConfig(**{**base, **{k: v for k, v in explicit.items() if k in base}, "resume": True})
+    cfg = cls(**{**base, **{k: v for k, v in explicit.items() if k in base}, "resume": True})
     return cfg, changes

@@ -30,7 +30,7 @@ from herd.train.config import TrainConfig, parse_stages, stage_value
 from herd.train.data import Batch, BatchLoader, validation_batches
 from herd.train.loss import chunked_cross_entropy, lm_head
 from herd.train.masks import attention_kwargs
-from herd.train.metrics import MetricsLogger, flops_per_token, memory_mb, peak_flops, plot_loss
+from herd.train.metrics import MetricsLogger, cap_mfu, flops_per_token, memory_mb, peak_flops, plot_loss
 from herd.train.optim import build_optimizer, schedule_from_config, set_lr
 from herd.train.preflight import check_fits, init_weights, open_data, resolve_model
 from herd.train.step import SpikeGuard, train_step
@@ -174,9 +174,9 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         tokens_seen += tokens
         tok_s = tokens / dt
         mfu = tok_s * flops_per_token(args, seq) / (peak * info.world_size) if peak else 0.0
-        if mfu > 1.0 and peak_source.startswith("measured"):  # the peak was measured while the cores were busy
-            peak, peak_source, mfu = peak * mfu, peak_source + ", raised to the rate this run reached", 1.0
-            log.print(f"MFU: the measured peak was low (a busy moment); now {peak / 1e12:.3g} TFLOP/s, the rate this run reached")
+        mfu, peak, peak_source, message = cap_mfu(mfu, peak, peak_source)
+        if message:
+            log.print(message)
         log.log("train", step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, tokens_per_s=tok_s, mfu=mfu,
                 step_s=dt, batch_size=bsz, seq_len=seq, memory_mb=memory_mb(device), epochs=loader.epochs(seq))
         if step % cfg.log_every == 0 or step == total or step == start_step + 1:

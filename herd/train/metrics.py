@@ -40,11 +40,17 @@ GPU_PEAK_BF16 = {
 }
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (non-embedding params + output params) + 12 * L * H * D * S."""
+def flops_per_token(args: ModelArgs, seq_len: int, frozen_weights: bool = False) -> float:
+    """Training FLOPs per token: 6 * (non-embedding params + output params) + 12 * L * H * D * S.
+
+    frozen_weights (LoRA): the weight matrices get no gradient, so backward does one matmul per
+    weight (the input gradient) instead of two: 4 instead of 6 per parameter. The adapters'
+    own FLOPs (rank r << dim) are left out.
+    """
     non_embedding = args.num_params(exclude_embeddings=True) - (0 if args.tie_embeddings else args.vocab_size * args.dim)
     output = args.vocab_size * args.dim
-    return 6.0 * (non_embedding + output) + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    per_param = 4.0 if frozen_weights else 6.0
+    return per_param * (non_embedding + output) + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
 def _peak_cache() -> Path:
@@ -102,6 +108,16 @@ def peak_flops(device: torch.device, peak_tflops: float = 0.0) -> tuple[float, s
         return 0.0, f"unknown GPU {name}; pass --peak-tflops"
     return measure_cpu_peak_flops(), (f"measured fp32 matmul peak of this CPU with this run's "
                                       f"{torch.get_num_threads()} thread(s)")
+
+
+def cap_mfu(mfu: float, peak: float, peak_source: str) -> tuple[float, float, str, str]:
+    """(mfu, peak, peak_source, message): a measured CPU peak below the rate a run reaches (it was
+    measured in a busy moment) is raised to that rate, so MFU stays <= 100%; message says so, once."""
+    if mfu > 1.0 and peak_source.startswith("measured"):
+        peak = peak * mfu
+        return 1.0, peak, peak_source + ", raised to the rate this run reached", (
+            f"MFU: the measured peak was low (a busy moment); now {peak / 1e12:.3g} TFLOP/s, the rate this run reached")
+    return mfu, peak, peak_source, ""
 
 
 def memory_mb(device: torch.device) -> float:

@@ -14,6 +14,7 @@ needs k: `lr_at(step, ...)` is the whole state.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,8 +22,21 @@ from torch import nn
 from herd.train.config import TrainConfig
 
 
+class OptimizerSettings(Protocol):
+    """What build_optimizer reads from a run's config (TrainConfig, the post-training configs)."""
+
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices and undecayed norms/embeddings (names in each group's 'names')."""
+    """Two AdamW groups: decayed matrices and undecayed norms/embeddings (names in each group's 'names').
+
+    Only parameters that train (requires_grad) take part: a frozen base (LoRA) gets no optimizer state.
+    """
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -37,9 +51,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerSettings) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters) where the parameters allow it, else foreach."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]  # LoRA: no norms train
+    if not groups:
+        from herd.errors import HerdError
+
+        raise HerdError("the model has no trainable parameters; unfreeze some (or add LoRA adapters) before training.")
     for g in groups:
         g.pop("names")
     params = [p for g in groups for p in g["params"]]

@@ -103,14 +103,18 @@ def open_data(cfg: TrainConfig, args: ModelArgs) -> TrainData:
 
 
 def estimate_bytes(args: ModelArgs, micro_batch: int, seq_len: int, n_params: int, bytes_per: int = 4,
-                   masked: bool = True) -> int:
+                   masked: bool = True, n_trainable: int | None = None) -> int:
     """Rough peak memory of one training step: weights, grads and AdamW moments (4 copies) plus
     the activations autograd keeps per block (~ 16 dim-wide + 3 hidden-wide tensors per token),
-    the boolean document mask and attention scores on the CPU path, and one loss slice."""
+    the boolean document mask and attention scores on the CPU path, and one loss slice.
+
+    n_trainable: when only these parameters train (LoRA), the others are held once, without
+    gradients or optimizer state."""
     tokens = micro_batch * seq_len
     per_token = args.n_layers * (16 * args.dim + 3 * args.hidden_dim) * bytes_per
     scores = micro_batch * seq_len * seq_len * (1 + (args.n_heads * 4 if masked else 0))
-    return 4 * n_params * 4 + tokens * per_token + scores + min(tokens, 4096) * args.vocab_size * 4 * 2
+    state = 4 * n_params * 4 if n_trainable is None else n_params * 4 + 3 * n_trainable * 4
+    return state + tokens * per_token + scores + min(tokens, 4096) * args.vocab_size * 4 * 2
 
 
 def available_bytes(device: torch.device) -> int:

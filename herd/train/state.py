@@ -18,6 +18,8 @@ leaves either the old set of complete checkpoints or the old set plus the new on
 Model and optimizer state go through torch.distributed.checkpoint.state_dict.get_state_dict /
 set_state_dict, which handle plain modules, FSDP2 and tensor-parallel DTensors alike, so the same
 code saves one process or a thousand (and a checkpoint can be resumed on a different world size).
+With trainable_only (LoRA: a frozen base plus small adapters) only the parameters that train, and
+their optimizer state, are saved; the frozen weights come back from where the run loaded them.
 """
 
 from __future__ import annotations
@@ -145,9 +147,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _options(trainable_only: bool) -> StateDictOptions | None:
+    # strict=False on load: the frozen parameters a trainable-only checkpoint leaves out stay as they are
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+
+
 def save_train_state(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict[str, Any], keep: int = 3) -> Path:
-    """Write step_N atomically under root (all ranks call this); returns the final directory."""
+                    train_state: dict[str, Any], keep: int = 3, trainable_only: bool = False) -> Path:
+    """Write step_N atomically under root (all ranks call this); returns the final directory.
+
+    trainable_only: save only the parameters with requires_grad (and their optimizer state).
+    """
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -156,7 +166,7 @@ def save_train_state(root: str | os.PathLike, step: int, model: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written save of this step
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=_options(trainable_only))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
@@ -180,10 +190,16 @@ def check_compatible(state: dict[str, Any], model_args: ModelArgs, ckpt: Path) -
                         f"run's {what}; resume with the checkpoint's --preset or start a new run with a new --out.")
 
 
-def load_train_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG from ckpt; returns its train_state.json."""
+def load_train_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     trainable_only: bool = False) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ckpt; returns its train_state.json.
+
+    trainable_only: the checkpoint holds only the trainable parameters (save_train_state's flag);
+    the frozen ones keep their current values.
+    """
     state = read_state_info(ckpt)
-    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    options = _options(trainable_only)
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer, options=options)
     loaded = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(loaded, checkpoint_id=str(ckpt))
@@ -191,7 +207,8 @@ def load_train_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.
         first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         raise HerdError(f"cannot load {ckpt} ({first}); the checkpoint is incomplete or from another model, "
                         "resume from an older one or start a new --out.") from None
-    set_state_dict(unwrap(model), optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    set_state_dict(unwrap(model), optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=options)
     rng = ckpt / f"rng_rank{_rank()}.pt"
     if rng.is_file():  # a resume on another world size keeps the fresh RNG of the new ranks
         _set_rng_state(torch.load(rng, weights_only=False))
