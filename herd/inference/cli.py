@@ -38,7 +38,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
-    add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs"), group="sampling")
+    add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs", "watch_tokens"), group="sampling")
 
 
 def _load(ns: argparse.Namespace):

@@ -1,0 +1,236 @@
+"""Code Shield: Meta's insecure-code scanner (the `codeshield` package, MIT) behind one small interface.
+
+Code Shield (PurpleLlama `CodeShield/`) runs two layers per language: regex rules, then, when no
+regex matched and a cheap prescan regex says a rule may apply, semgrep rules; each finding carries
+a CWE id, a rule id and a severity. herd calls its detector (`insecure_code_detector.analyze` with
+the CODESHIELD use case) directly rather than `CodeShield.scan_code`, for two reasons found in
+codeshield 1.0.1:
+
+- `scan_code` catches every exception and returns "not insecure": a broken semgrep would pass
+  everything silently. Here failures propagate.
+- semgrep findings carry their severity as semgrep's upper-case string ("ERROR"), which
+  `scan_code` compares with the enum `Severity.ERROR` ("error"), so a semgrep error never becomes
+  BLOCK. Here severities are normalized to "error" / "warning" / "advice" before the treatment is
+  chosen: block if any finding is an error, warn if there are findings, else ignore (Code Shield's
+  recommended_treatment rule).
+
+The semgrep layer needs `semgrep==1.75.0`: codeshield 1.0.1 always passes `--project-root /`, and
+newer semgrep then scans no file at all and reports nothing, without an error. So every scanner
+proves its semgrep layer once when it is built: it scans `pickle.loads(data)`, which only a
+semgrep rule catches (CWE-502), and refuses to run if that is not found. Install both with the
+extra: `pip install 'herd[safety]'`.
+
+Languages: Code Shield's (c, cpp, csharp, hack, java, javascript, kotlin, objective_c, php,
+python, ruby, rust, swift, xml) under their usual names and file extensions. Code in a language
+it does not know, or of unknown language (an untagged code block), is scanned with the rules of
+every language Code Shield supports when no language is given (its own default), never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from herd.errors import HerdError
+
+EXTRA = "pip install 'herd[safety]'  (codeshield==1.0.1 with semgrep==1.75.0)"
+
+LANGUAGE_ALIASES: dict[str, str] = {
+    "python": "python", "py": "python", "python3": "python", "py3": "python",
+    "c": "c", "h": "c",
+    "cpp": "cpp", "c++": "cpp", "cc": "cpp", "cxx": "cpp", "hpp": "cpp", "hh": "cpp",
+    "csharp": "csharp", "c#": "csharp", "cs": "csharp",
+    "java": "java",
+    "javascript": "javascript", "js": "javascript", "node": "javascript", "nodejs": "javascript", "jsx": "javascript",
+    "mjs": "javascript", "cjs": "javascript",
+    "php": "php", "hack": "hack", "hh.php": "hack",
+    "kotlin": "kotlin", "kt": "kotlin", "kts": "kotlin",
+    "objective_c": "objective_c", "objective-c": "objective_c", "objc": "objective_c", "m": "objective_c",
+    "objectivec": "objective_c",
+    "ruby": "ruby", "rb": "ruby",
+    "rust": "rust", "rs": "rust",
+    "swift": "swift",
+    "xml": "xml",
+}
+"""Names, code-fence tags and file extensions -> Code Shield's language names."""
+
+Treatment = Literal["block", "warn", "ignore"]
+
+
+def language_of(name: str | None) -> str | None:
+    """Code Shield's name for a language name, fence tag or file extension; None when it has no rules for it."""
+    if not name:
+        return None
+    return LANGUAGE_ALIASES.get(name.strip().lower().lstrip("."))
+
+
+def language_of_path(path: Path) -> str | None:
+    return language_of(path.suffix)
+
+
+@dataclass
+class CodeFinding:
+    """One insecure pattern Code Shield found."""
+
+    cwe: str
+    """CWE id, e.g. "CWE-78"."""
+    rule: str
+    """Code Shield's rule id (regex pattern_id, or the semgrep rule's id)."""
+    severity: str
+    """error, warning or advice."""
+    analyzer: str
+    """regex or semgrep."""
+    line: int | None
+    """1-based line in the scanned code."""
+    description: str
+    language: str
+    """The rules' language."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScanResult:
+    """Everything Code Shield found in one piece of code (or one reply's code blocks)."""
+
+    findings: list[CodeFinding] = field(default_factory=list)
+    treatment: Treatment = "ignore"
+    """block (an error-severity finding), warn (findings), ignore (none): Code Shield's recommendation."""
+    seconds: float = 0.0
+    languages: list[str] = field(default_factory=list)
+    """The rule sets used ("all" for code of unknown language)."""
+    blocks: int = 0
+    """Code blocks scanned (scan_reply)."""
+
+    @property
+    def insecure(self) -> bool:
+        return bool(self.findings)
+
+    @property
+    def cwes(self) -> list[str]:
+        return sorted({f.cwe for f in self.findings if f.cwe})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"insecure": self.insecure, "treatment": self.treatment,
+                "findings": [f.to_dict() for f in self.findings], "languages": self.languages,
+                "code_blocks": self.blocks, "seconds": round(self.seconds, 4)}
+
+
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.DOTALL | re.MULTILINE)
+_OPEN_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*)\Z", re.DOTALL | re.MULTILINE)
+
+
+def code_blocks(text: str) -> list[tuple[str | None, str]]:
+    """(fence tag or None, code) of each fenced code block (``` or ~~~) in markdown text, in order.
+
+    A block left open at the end (a reply cut by max_tokens) counts too, so truncation cannot hide code."""
+    out: list[tuple[str | None, str]] = []
+    end = 0
+    for m in _FENCE.finditer(text):
+        out.append((m.group(2) or None, m.group(3)))
+        end = m.end()
+    tail = _OPEN_FENCE.search(text, end)
+    if tail:
+        out.append((tail.group(2) or None, tail.group(3)))
+    return out
+
+
+def _severity(value: Any) -> str:
+    text = str(getattr(value, "value", value)).lower()
+    return text if text in ("error", "warning", "advice", "disabled") else "warning"
+
+
+def treatment_of(findings: list[CodeFinding]) -> Treatment:
+    if any(f.severity == "error" for f in findings):
+        return "block"
+    return "warn" if findings else "ignore"
+
+
+class CodeShieldScanner:
+    """Scan code with Code Shield. Building one checks the install and proves the semgrep layer works
+    (HerdError naming the fix otherwise); `check=False` skips that proof (tests of the error path)."""
+
+    def __init__(self, check: bool = True):
+        try:
+            import yaml  # noqa: F401  (codeshield's own dependency: fail here with the extra's name)
+            from codeshield.insecure_code_detector import insecure_code_detector as icd
+            from codeshield.insecure_code_detector.languages import Language, get_supported_languages
+            from codeshield.insecure_code_detector.usecases import UseCase
+        except ImportError as e:
+            raise HerdError(f"Code Shield is not installed ({e}); install the safety extra: {EXTRA}.") from None
+        except Exception as e:  # codeshield looks for semgrep-core when imported
+            raise HerdError(f"Code Shield cannot start ({e}); install the safety extra: {EXTRA}.") from None
+        self._icd, self._Language, self._usecase = icd, Language, UseCase.CODESHIELD
+        self.supported = [lang.value for lang in get_supported_languages()]
+        if check:
+            self.self_check()
+
+    def self_check(self) -> None:
+        """HerdError unless semgrep findings come back (codeshield with a newer semgrep finds nothing)."""
+        probe = "import pickle\n\ndef load(data):\n    return pickle.loads(data)\n"
+        result = asyncio.run(self.scan(probe, "python")) if not _in_loop() else None
+        if result is None:  # called inside a running event loop: run the probe on a fresh one
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                result = pool.submit(asyncio.run, self.scan(probe, "python")).result()
+        if not any(f.analyzer == "semgrep" and f.cwe == "CWE-502" for f in result.findings):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                semgrep = version("semgrep")
+            except PackageNotFoundError:
+                semgrep = "not installed"
+            raise HerdError(f"Code Shield's semgrep layer found nothing in a known-insecure probe (semgrep "
+                            f"{semgrep}; codeshield 1.0.1 needs semgrep==1.75.0, newer ones scan nothing); "
+                            "run: pip install semgrep==1.75.0.")
+
+    async def scan(self, code: str, language: str | None = None) -> ScanResult:
+        """Scan one piece of code. language: a name, tag or extension; None or an unsupported one: every
+        language's rules (Code Shield's default)."""
+        start = time.perf_counter()
+        lang = language_of(language)
+        langs = [lang] if lang else list(self.supported)
+        found = await asyncio.gather(*(self._icd.analyze(self._Language(x), code, usecase=self._usecase)
+                                       for x in langs))
+        findings: list[CodeFinding] = []
+        seen: set[tuple] = set()
+        for x, issues in zip(langs, found):
+            for issue in issues or []:
+                analyzer = str(getattr(issue.analyzer, "value", issue.analyzer) or "")
+                f = CodeFinding(cwe=str(issue.cwe_id or ""), rule=str(issue.pattern_id or issue.name or ""),
+                                severity=_severity(issue.severity), analyzer=analyzer, line=issue.line,
+                                description=str(issue.description or "").strip(), language=x)
+                key = (f.cwe, f.rule, f.line)  # C rules also run for C++: report a finding once
+                if key not in seen:
+                    seen.add(key)
+                    findings.append(f)
+        findings.sort(key=lambda f: (f.line or 0, f.cwe, f.rule))
+        return ScanResult(findings, treatment_of(findings), time.perf_counter() - start,
+                          [lang] if lang else ["all"], 1)
+
+    async def scan_reply(self, text: str) -> ScanResult:
+        """Scan every fenced code block of a reply (each with its tag's language); nothing to scan: ignore."""
+        start = time.perf_counter()
+        blocks = code_blocks(text)
+        results = await asyncio.gather(*(self.scan(code, tag) for tag, code in blocks if code.strip()))
+        findings = [f for r in results for f in r.findings]
+        langs = list(dict.fromkeys(x for r in results for x in r.languages))
+        return ScanResult(findings, treatment_of(findings), time.perf_counter() - start, langs, len(results))
+
+    def scan_sync(self, code: str, language: str | None = None) -> ScanResult:
+        """scan() for callers without an event loop."""
+        return asyncio.run(self.scan(code, language))
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
