@@ -374,6 +374,6 @@ class Transformer(nn.Module):
         """The output layer: hidden states [..., dim] -> float32 logits [..., vocab]."""
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight).float()
-        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout)
-        # takes part as it computes itself.
+        # A module call, not its weight: a wrapped output layer (a LoRA adapter, with its dropout,
+        # or a quantized layer from herd.quant with its own kernel) takes part as it computes itself.
         return self.output(h).float()

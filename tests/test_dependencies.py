@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # declared but reached through another package rather than imported by name
 INDIRECT = {"tensorboard": "torch.utils.tensorboard writes the event files with it",
             "orjson": "datatrove's JSONL reader and writer import it when they run"}
+# imported only by an optional part of herd, declared in that part's extra (module -> extra)
+OPTIONAL = {"lm_eval": "lm-eval"}  # herd.eval.lm_eval_adapter / herd-lm-eval: pip install "herd[lm-eval]"
 
 
 def _norm(name: str) -> str:
@@ -47,11 +49,19 @@ def _imports() -> dict[str, list[str]]:
     return found
 
 
+def _extra(name: str) -> set[str]:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("optional-dependencies", {})
+    return {_norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0)) for req in extras.get(name, [])}
+
+
 def test_every_imported_package_is_declared():
     declared, dists = _declared(), md.packages_distributions()
     missing = {}
     for module, files in _imports().items():
         names = {_norm(d) for d in dists.get(module, [module])}
+        if module in OPTIONAL:
+            assert names & _extra(OPTIONAL[module]), f"{module} must be declared in the {OPTIONAL[module]} extra"
+            continue
         if not names & declared:
             missing[module] = sorted(set(files))[:3]
     assert not missing, f"imported but not in pyproject's dependencies: {missing}"

@@ -476,3 +476,45 @@ def test_serve_command_errors_are_one_line(tmp_path, capsys):
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--chat-style", "fancy"]) == 2
     assert "--chat-style must be" in capsys.readouterr().err
+
+
+def test_serve_command_quantize_int8_answers_like_the_quantized_model(tmp_path, official_tokenizer_model):
+    """`herd serve --quantize int8` (a real process): greedy completions equal a cache-free greedy decode of
+    the same checkpoint quantized in this process with herd.quant."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from herd.checkpoint import load_checkpoint, save_checkpoint
+    from herd.quant import QuantConfig, quantize_model
+
+    tok = Tokenizer.from_file(official_tokenizer_model)
+    save_checkpoint(tiny_model(tok.n_words, seed=7, max_seq_len=128), tmp_path / "ckpt",
+                    tokenizer_path=official_tokenizer_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys; from herd.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(tmp_path / "ckpt"), "--quantize", "int8",
+                             "--port", str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        prompt = tok.encode("The quick brown fox", bos=True)
+        got = httpx.post(url + "/v1/completions", json={"model": "ckpt", "prompt": prompt, "max_tokens": 12,
+                                                        "temperature": 0}, timeout=120).json()
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=60)[1]
+    assert "int8 weights" in err
+    model = quantize_model(load_checkpoint(tmp_path / "ckpt").eval(), QuantConfig(method="int8"))
+    want = greedy_reference(model, prompt, 12, set())
+    assert got["choices"][0]["text"] == tok.decode(want)

@@ -1,4 +1,5 @@
-"""`herd init`, `herd info` and `herd convert`: make, size up and convert checkpoints."""
+"""`herd init`, `herd info` and `herd convert`: make, size up and convert checkpoints (GGUF is read here,
+written by `herd export` in export_cli.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint import FORMATS, find_tokenizer, load_args, load_checkpoint, save_checkpoint
+from herd.checkpoint import FORMATS, detect_format, find_tokenizer, load_args, load_checkpoint, save_checkpoint
 from herd.checkpoint.common import DTYPES, meta_model, parse_dtype
 from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
 from herd.configs import PRESETS, get_preset
@@ -131,24 +132,48 @@ def run_info(ns: argparse.Namespace) -> int:
 
 
 def add_convert_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="checkpoint to read (format detected)")
+    parser.add_argument("src", type=Path, help="checkpoint to read (herd, Hugging Face, Meta folder or a .gguf file; "
+                        "detected)")
     parser.add_argument("dst", type=Path, help="folder to write")
-    parser.add_argument("--format", choices=FORMATS, required=True, help="format to write")
+    parser.add_argument("--format", choices=FORMATS, required=True,
+                        help="format to write (for GGUF use `herd export`)")
     parser.add_argument("--shards", type=int, default=1, help="number of weight files (Meta: model-parallel shards)")
     parser.add_argument("--dtype", choices=_DTYPE_CHOICES, default=None, help="convert the weights (default: keep)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="store int8 / int4 weight-only linear layers (herd format only; loads without "
+                             "re-quantizing)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
     parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.model to copy (default: the one beside SRC, if any)")
+                        help="tokenizer.model to copy (default: the one beside SRC, or the vocabulary inside a GGUF)")
     add_bool_flag(parser, "--overwrite", default=False, help="replace an existing checkpoint at DST")
 
 
 def run_convert(ns: argparse.Namespace) -> int:
+    import tempfile
+
     if ns.src.resolve() == ns.dst.resolve():
         raise HerdError(f"SRC and DST are the same folder ({ns.src}); write the conversion to a new folder.")
+    if ns.quantize and ns.format != "herd":
+        raise HerdError(f"--quantize stores herd's int8/int4 layers, which only the herd format holds; use "
+                        f"--format herd (or `herd export --type q8_0` for llama.cpp).")
     model = load_checkpoint(ns.src, dtype=ns.dtype and DTYPES[ns.dtype])
+    if ns.quantize:
+        from herd.quant import QuantConfig, quantize_model
+
+        quantize_model(model, QuantConfig(method=ns.quantize, group_size=ns.group_size))
     tokenizer = ns.tokenizer or find_tokenizer(ns.src)
-    save_checkpoint(model, ns.dst, format=ns.format, shards=ns.shards, tokenizer_path=tokenizer,
-                    overwrite=ns.overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tokenizer is None and detect_format(ns.src)[0] == "gguf":
+            from herd.checkpoint.gguf import read_tokenizer, tokenizer_file_text
+
+            tok = read_tokenizer(ns.src)
+            if tok is not None:  # the GGUF's own vocabulary, as a tokenizer.model beside the weights
+                tokenizer = Path(tmp) / "tokenizer.model"
+                tokenizer.write_text(tokenizer_file_text(tok))
+        save_checkpoint(model, ns.dst, format=ns.format, shards=ns.shards, tokenizer_path=tokenizer,
+                        overwrite=ns.overwrite)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    print(f"wrote {ns.format} checkpoint ({_human(model.num_params(), 'n')} parameters, {dtype}, "
+    quant = f", {ns.quantize}" if ns.quantize else ""
+    print(f"wrote {ns.format} checkpoint ({_human(model.num_params(), 'n')} parameters, {dtype}{quant}, "
           f"{ns.shards} shard(s){', tokenizer' if tokenizer else ''}) to {ns.dst}")
     return 0

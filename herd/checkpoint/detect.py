@@ -4,6 +4,7 @@ Markers, checked in this order so a folder matches exactly one format:
   herd: herd.json (+ model.safetensors or shards)
   meta: params.json + consolidated.NN.pth (also under original/, as on the Hugging Face hub)
   hf:   config.json + model.safetensors or model.safetensors.index.json
+  gguf: a single .gguf file (llama.cpp's format; read here, written by `herd export`)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from herd.errors import HerdError
 
 FORMATS = ("herd", "hf", "meta")
+"""Folder formats herd reads and writes; GGUF (one file) is read by load_checkpoint and written by herd export."""
 
 
 def _folder(path: Path) -> Path:
@@ -31,6 +33,8 @@ def detect_format(path: str | Path, strict: bool = True) -> tuple[str, Path] | N
             return None
         raise HerdError(f"checkpoint path {path} does not exist; check the path, or create a checkpoint "
                         f"with `herd init PRESET {path}`.")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf", path
     folder = _folder(path)
     if (folder / "herd.json").is_file():
         return "herd", folder

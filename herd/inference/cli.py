@@ -4,6 +4,10 @@ Tokenizing, the Llama 3 chat format and streaming UTF-8 decode happen here; the 
 Sampling flags (--temperature, --top-p, --top-k, --min-p, --seed, --max-new-tokens, --stop-tokens)
 come from the SamplingParams dataclass. The tokenizer's stop tokens (end_of_text, eom, eot) always
 end a reply.
+
+Faster CPU decoding: --quantize int8|int4 replaces the model's linear layers (herd.quant), and
+--draft CKPT decodes speculatively with a small model of the same tokenizer
+(herd.inference.speculative; the acceptance rate is printed at the end).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ _DTYPES = ["fp32", "bf16", "fp16"]
 
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="checkpoint folder (herd, Hugging Face or Meta format)")
+                        help="checkpoint folder (herd, Hugging Face or Meta format) or a .gguf file")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer.model (default: the one stored with the checkpoint)")
     parser.add_argument("--adapter", type=Path, default=None,
@@ -38,22 +42,29 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     add_threads_flag(parser)
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length: prompt + reply tokens (default: what is needed, at most the model's context)")
+    add_quantize_flags(parser)
+    parser.add_argument("--draft", type=Path, default=None,
+                        help="checkpoint of a small model with the same tokenizer: speculative decoding, "
+                             "same output distribution, fewer forwards of the big model")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
     add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs", "watch_tokens"), group="sampling")
+
+
+def add_quantize_flags(parser: argparse.ArgumentParser) -> None:
+    """--quantize and --group-size (generate, chat and serve)."""
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of the linear layers: int8 per channel or int4 per group "
+                             "(faster CPU decoding, less memory; the embedding stays in float)")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128 or 256)")
 
 
 def _load(ns: argparse.Namespace):
     """(model, tokenizer) from the flags, with one-sentence errors for the usual mistakes."""
-    from herd.checkpoint import find_tokenizer, load_checkpoint
-    from herd.tokenizer import Tokenizer
+    from herd.checkpoint import load_checkpoint
 
     if not ns.checkpoint.exists():
         raise HerdError(f"checkpoint {ns.checkpoint} does not exist; pass the folder `herd init` or `herd convert` wrote.")
-    tok_path = ns.tokenizer or find_tokenizer(ns.checkpoint)
-    if tok_path is None:
-        raise HerdError(f"no tokenizer.model found with the checkpoint {ns.checkpoint}; pass --tokenizer PATH.")
-    if not Path(tok_path).exists():
-        raise HerdError(f"tokenizer file {tok_path} does not exist; pass an existing tokenizer.model with --tokenizer.")
-    tokenizer = Tokenizer.from_file(tok_path)
+    tokenizer = _tokenizer(ns.checkpoint, ns.tokenizer)
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.empty(0, device=device)
@@ -64,12 +75,83 @@ def _load(ns: argparse.Namespace):
     if getattr(ns, "adapter", None) is not None:
         from herd.posttrain.adapter import load_adapter
 
+        if getattr(ns, "quantize", None):
+            raise HerdError("--quantize with --adapter is not supported yet; fold the adapter in with "
+                            "`herd merge-lora` and quantize the merged checkpoint.")
+
         load_adapter(model, ns.adapter)
         model.requires_grad_(False)
     if tokenizer.n_words > model.args.vocab_size:
         raise HerdError(f"the tokenizer has {tokenizer.n_words} tokens but the model only {model.args.vocab_size}; "
                         "use the tokenizer the model was trained with.")
+    if getattr(ns, "quantize", None):
+        from herd.quant import QuantConfig, quantize_model
+
+        if getattr(model, "quantization", None) is None:
+            quantize_model(model, QuantConfig(method=ns.quantize, group_size=ns.group_size))
+        elif model.quantization.method != ns.quantize:
+            raise HerdError(f"{ns.checkpoint} is already quantized ({model.quantization.method}); drop --quantize "
+                            "or load the float checkpoint.")
     return model, tokenizer
+
+
+def _tokenizer(checkpoint: Path, explicit: Path | None):
+    """The tokenizer from --tokenizer, else the one stored with the checkpoint (or inside a GGUF file)."""
+    from herd.checkpoint import find_tokenizer
+    from herd.tokenizer import Tokenizer
+
+    if explicit is None and checkpoint.suffix.lower() == ".gguf" and checkpoint.is_file():
+        from herd.checkpoint.gguf import read_tokenizer
+
+        tok = read_tokenizer(checkpoint)  # a GGUF carries its vocabulary
+        if tok is not None:
+            return tok
+    tok_path = explicit or find_tokenizer(checkpoint)
+    if tok_path is None:
+        raise HerdError(f"no tokenizer.model found with the checkpoint {checkpoint}; pass --tokenizer PATH.")
+    if not Path(tok_path).exists():
+        raise HerdError(f"tokenizer file {tok_path} does not exist; pass an existing tokenizer.model with --tokenizer.")
+    return Tokenizer.from_file(tok_path)
+
+
+def _engine(ns: argparse.Namespace, model, tokenizer, max_len: int):
+    """The decoder the flags ask for: the batched Engine, or speculative decoding with --draft."""
+    if ns.draft is None:
+        return Engine(model, max_batch_size=1, max_seq_len=max_len, compile=ns.compile)
+    from herd.checkpoint import find_tokenizer, load_checkpoint
+    from herd.inference.speculative import SpeculativeDecoder
+
+    if not ns.draft.exists():
+        raise HerdError(f"draft checkpoint {ns.draft} does not exist; pass a small model trained with the same tokenizer.")
+    if ns.draft_tokens < 1:
+        raise HerdError(f"--draft-tokens must be at least 1, got {ns.draft_tokens}.")
+    has_tok = find_tokenizer(ns.draft) is not None or ns.draft.suffix.lower() == ".gguf"
+    if has_tok:
+        if not _same_vocabulary(_tokenizer(ns.draft, None), tokenizer):
+            raise HerdError(f"the draft model {ns.draft} comes with another tokenizer than the model; "
+                            "speculative decoding needs a draft trained with the same tokenizer.")
+    draft = load_checkpoint(ns.draft, device=model.tok_embeddings.weight.device, dtype=ns.dtype)
+    if draft.args.vocab_size < tokenizer.n_words:
+        raise HerdError(f"the draft model has {draft.args.vocab_size} vocabulary rows but the tokenizer "
+                        f"{tokenizer.n_words} tokens; speculative decoding needs a draft with the same tokenizer.")
+    return SpeculativeDecoder(model, draft, k=ns.draft_tokens, max_seq_len=max_len)
+
+
+def _same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map ids to the same bytes (by file hash when both came from files)."""
+    if a.sha256 is not None and b.sha256 is not None:
+        return a.sha256 == b.sha256
+    return a.n_bpe == b.n_bpe and all(a.token_bytes(i) == b.token_bytes(i) for i in range(a.n_bpe))
+
+
+def _draft_summary(engine) -> str:
+    from herd.inference.speculative import SpeculativeDecoder
+
+    if not isinstance(engine, SpeculativeDecoder) or not engine.stats.rounds:
+        return ""
+    stats = engine.stats
+    return (f", draft acceptance {stats.acceptance_rate:.0%} ({stats.tokens_per_round:.2f} tokens per forward "
+            "of the model)")
 
 
 def _sampling(ns: argparse.Namespace, tokenizer) -> SamplingParams:
@@ -147,13 +229,12 @@ def run_generate(ns: argparse.Namespace) -> int:
         prompt = ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": text}])
     else:
         prompt = tokenizer.encode(text, bos=not ns.no_bos)
-    engine = Engine(model, max_batch_size=1, max_seq_len=_context(ns, model, len(prompt) + params.max_new_tokens),
-                    compile=ns.compile)
+    engine = _engine(ns, model, tokenizer, _context(ns, model, len(prompt) + params.max_new_tokens))
     engine.check_request(prompt, params)
     ids, seconds = _stream_reply(engine, prompt, params, tokenizer, sys.stdout)
     sys.stdout.write("\n")
     print(f"[{len(prompt)} prompt tokens, {len(ids)} generated in {seconds:.2f} s, "
-          f"{len(ids) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+          f"{len(ids) / max(seconds, 1e-9):.1f} tokens/s{_draft_summary(engine)}]", file=sys.stderr)
     return 0
 
 
@@ -193,7 +274,7 @@ def run_chat(ns: argparse.Namespace) -> int:
     if params.max_new_tokens >= max_len:
         raise HerdError(f"--max-new-tokens {params.max_new_tokens} leaves no room for the dialog in a context "
                         f"of {max_len}; lower it or raise --max-seq-len.")
-    engine = Engine(model, max_batch_size=1, max_seq_len=max_len, compile=ns.compile)
+    engine = _engine(ns, model, tokenizer, max_len)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()

@@ -18,7 +18,7 @@ from herd.threads import add_threads_flag
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    from herd.inference.cli import _DTYPES
+    from herd.inference.cli import _DTYPES, add_quantize_flags
     from herd.inference.server.runner import ServerConfig
 
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder (herd, Hugging Face or Meta format)")
@@ -28,6 +28,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="LoRA adapter folder (herd's or peft's) to apply on top of the checkpoint, unmerged")
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_quantize_flags(parser)
     add_threads_flag(parser)
     add_dataclass_args(parser, ServerConfig, group="server")
 
@@ -46,13 +47,15 @@ def run_serve(ns: argparse.Namespace) -> int:
         raise HerdError(f"--port must be from 0 to 65535, got {cfg.port}.")
     _check_port(cfg.host, cfg.port)
     load_ns = argparse.Namespace(checkpoint=ns.checkpoint, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device,
-                                 adapter=ns.adapter, threads=ns.threads)
+                                 adapter=ns.adapter, threads=ns.threads, quantize=ns.quantize,
+                                 group_size=ns.group_size)
     print(f"herd serve: loading {ns.checkpoint} ...", file=sys.stderr)
     model, tokenizer = _load(load_ns)
     name = cfg.served_model_name or ns.checkpoint.resolve().name
     app = build_app(model, tokenizer, cfg, model_name=name)
     engine = app.state.service.engine
-    print(f"herd serve: model '{name}' ({model.num_params() / 1e6:.1f}M parameters), context {engine.max_seq_len}, "
+    quant = f", {ns.quantize} weights" if ns.quantize else ""
+    print(f"herd serve: model '{name}' ({model.num_params() / 1e6:.1f}M parameters{quant}), context {engine.max_seq_len}, "
           f"batch {engine.max_batch_size}, KV cache {engine.blocks.usable * engine.block_size} tokens "
           f"({engine.pool.nbytes() / 2**20:.0f} MiB)", file=sys.stderr)
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
