@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from herd.errors import HerdError
-from herd.flags import add_bool_flag
 
 EXIT = {"ignore": 0, "warn": 1, "block": 3}
 
@@ -30,10 +29,11 @@ def add_codeshield_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language", default=None,
                         help="language of every input (python, c, cpp, csharp, java, javascript, php, rust, ...; "
                              "'all' = every language's rules); default: from each file's extension")
-    add_bool_flag(parser, "--markdown", default=False,
-                  help="the inputs are markdown (model replies): scan their fenced code blocks, each in its "
-                       "fence's language")
-    add_bool_flag(parser, "--json", default=False, help="one JSON object per input instead of text")
+    # plain switches (not `--flag BOOL`): a BOOL value would swallow the FILE that follows
+    parser.add_argument("--markdown", action="store_true",
+                        help="the inputs are markdown (model replies): scan their fenced code blocks, each in its "
+                             "fence's language")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input instead of text")
 
 
 def _language(path: Path, given: str | None, markdown: bool) -> str | None:

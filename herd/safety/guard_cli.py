@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from herd.errors import HerdError
-from herd.flags import add_bool_flag
 from herd.threads import add_threads_flag
 
 _DTYPES = ["fp32", "bf16", "fp16"]
@@ -38,8 +37,9 @@ def add_format_args(parser: argparse.ArgumentParser | Any) -> None:
                              "instead of the version's published list")
     parser.add_argument("--exclude", default="", help="category codes to leave out of the prompt, e.g. S6,S7 "
                                                       "(the others keep their codes)")
-    add_bool_flag(parser, "--descriptions", default=False,
-                  help="write each category's description under its name (custom categories carry them)")
+    # plain switches (not `--flag BOOL`): a BOOL value would swallow the DATA paths that follow
+    parser.add_argument("--descriptions", action="store_true",
+                        help="write each category's description under its name (custom categories carry them)")
 
 
 def guard_format(ns: argparse.Namespace):
@@ -67,8 +67,8 @@ def add_guard_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="flag when p(first token is 'unsafe') >= this (the model cards' classifier score); "
                              "a negative value lets the generated verdict decide")
-    add_bool_flag(parser, "--eval", default=False,
-                  help="the data is labelled: report precision / recall / F1 (unsafe vs safe and per category)")
+    parser.add_argument("--eval", action="store_true",
+                        help="the data is labelled: report precision / recall / F1 (unsafe vs safe and per category)")
     parser.add_argument("--report", type=Path, default=None, help="with --eval: also write the metrics as JSON here")
     parser.add_argument("--output", type=Path, default=None,
                         help="write the per-conversation JSON lines here (default: stdout; with --eval: not written)")
@@ -143,6 +143,7 @@ def _classify(ns: argparse.Namespace, guard, threshold: float | None) -> int:
 
     fmt = guard.fmt
     errors: dict[str, int] = {}
+    first_error: list[str] = []
     labelled: list[tuple[Any, Any]] = []  # (record, result) when evaluating
     flagged_n = checked = 0
     write = ns.output is not None or not ns.eval
@@ -168,6 +169,7 @@ def _classify(ns: argparse.Namespace, guard, threshold: float | None) -> int:
                         raise GuardRecordError("bad_conversation", str(e).rstrip(".")) from None
                 except GuardRecordError as e:
                     errors[e.reason] = errors.get(e.reason, 0) + 1
+                    first_error[:] = first_error or [f"{where}: {e}"]
                     items.append((where, e))
                     continue
                 items.append((where, rec))
@@ -199,7 +201,7 @@ def _classify(ns: argparse.Namespace, guard, threshold: float | None) -> int:
         flush()
         bar.close()
         if not checked:
-            why = ", ".join(f"{n} {r}" for r, n in errors.items()) or "no records"
+            why = f"first problem: {first_error[0]}" if first_error else "no records"
             raise HerdError(f"no conversation could be checked ({why}); give {{'messages': [...]}} or "
                             "{'prompt', 'response'} records.")
     skipped = "; not checked: " + ", ".join(f"{n:,} {r}" for r, n in sorted(errors.items())) if errors else ""
