@@ -16,9 +16,13 @@ codeshield 1.0.1:
 
 The semgrep layer needs `semgrep==1.75.0`: codeshield 1.0.1 always passes `--project-root /`, and
 newer semgrep then scans no file at all and reports nothing, without an error. So every scanner
-proves its semgrep layer once when it is built: it scans `pickle.loads(data)`, which only a
-semgrep rule catches (CWE-502), and refuses to run if that is not found. Install both with the
-extra: `pip install 'herd[safety]'`.
+proves its semgrep layer once when it is built, with one snippet per language that only a semgrep
+rule catches (Python `pickle.loads`, C `system(cmd)`, JavaScript `eval(expr)`, Java
+`new ObjectInputStream(in)`), and refuses to run if the Python probe finds nothing. A language
+whose probe finds nothing keeps its regex layer and every result in it says so in `notes`: with
+codeshield 1.0.1 and semgrep 1.75.0 that is Java, whose rule file holds one rule
+(ssrf_insecure_patterns) that semgrep cannot parse, which fails the whole Java scan. Install both
+with the extra: `pip install 'herd[safety]'`.
 
 Languages: Code Shield's (c, cpp, csharp, hack, java, javascript, kotlin, objective_c, php,
 python, ruby, rust, swift, xml) under their usual names and file extensions. Code in a language
@@ -59,6 +63,16 @@ LANGUAGE_ALIASES: dict[str, str] = {
 """Names, code-fence tags and file extensions -> Code Shield's language names."""
 
 Treatment = Literal["block", "warn", "ignore"]
+
+
+SEMGREP_PROBES: dict[str, tuple[str, str]] = {
+    "python": ("import pickle\n\ndef load(data):\n    return pickle.loads(data)\n", "CWE-502"),
+    "c": ("#include <stdlib.h>\nint run(const char *cmd) {\n    return system(cmd);\n}\n", "CWE-78"),
+    "javascript": ("function calc(expr) {\n  return eval(expr);\n}\n", "CWE-95"),
+    "java": ("import java.io.*;\nclass Load {\n    void read(InputStream in) throws Exception {\n"
+             "        new ObjectInputStream(in);\n    }\n}\n", "CWE-502"),
+}
+"""Per language: code that only a semgrep rule flags, and the CWE it must report (the start-up probe)."""
 
 
 def language_of(name: str | None) -> str | None:
@@ -105,7 +119,9 @@ class ScanResult:
     languages: list[str] = field(default_factory=list)
     """The rule sets used ("all" for code of unknown language)."""
     blocks: int = 0
-    """Code blocks scanned (scan_reply)."""
+    """Pieces scanned: scan_reply's code blocks (a reply without a fenced block is one piece)."""
+    notes: list[str] = field(default_factory=list)
+    """What was not checked, e.g. a language whose semgrep layer does not work here."""
 
     @property
     def insecure(self) -> bool:
@@ -118,7 +134,8 @@ class ScanResult:
     def to_dict(self) -> dict[str, Any]:
         return {"insecure": self.insecure, "treatment": self.treatment,
                 "findings": [f.to_dict() for f in self.findings], "languages": self.languages,
-                "code_blocks": self.blocks, "seconds": round(self.seconds, 4)}
+                "code_blocks": self.blocks, "seconds": round(self.seconds, 4),
+                **({"notes": self.notes} if self.notes else {})}
 
 
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -167,19 +184,27 @@ class CodeShieldScanner:
             raise HerdError(f"Code Shield cannot start ({e}); install the safety extra: {EXTRA}.") from None
         self._icd, self._Language, self._usecase = icd, Language, UseCase.CODESHIELD
         self.supported = [lang.value for lang in get_supported_languages()]
+        self.semgrep_broken: list[str] = []
         if check:
             self.self_check()
 
     def self_check(self) -> None:
-        """HerdError unless semgrep findings come back (codeshield with a newer semgrep finds nothing)."""
-        probe = "import pickle\n\ndef load(data):\n    return pickle.loads(data)\n"
-        result = asyncio.run(self.scan(probe, "python")) if not _in_loop() else None
-        if result is None:  # called inside a running event loop: run the probe on a fresh one
+        """Probe each language's semgrep layer; HerdError if Python's finds nothing (a semgrep newer than
+        1.75.0 scans nothing), a note on the results of any other language whose layer is broken."""
+        async def probe_all() -> list[ScanResult]:
+            return list(await asyncio.gather(*(self.scan(code, lang) for lang, (code, _) in SEMGREP_PROBES.items())))
+
+        if _in_loop():  # called inside a running event loop: probe on a fresh one
             import concurrent.futures
 
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                result = pool.submit(asyncio.run, self.scan(probe, "python")).result()
-        if not any(f.analyzer == "semgrep" and f.cwe == "CWE-502" for f in result.findings):
+                results = pool.submit(asyncio.run, probe_all()).result()
+        else:
+            results = asyncio.run(probe_all())
+        works = {lang: any(f.analyzer == "semgrep" and f.cwe == cwe for f in res.findings)
+                 for (lang, (_, cwe)), res in zip(SEMGREP_PROBES.items(), results)}
+        self.semgrep_broken = sorted(lang for lang, ok in works.items() if not ok)
+        if not works["python"]:
             from importlib.metadata import PackageNotFoundError, version
 
             try:
@@ -211,17 +236,24 @@ class CodeShieldScanner:
                     seen.add(key)
                     findings.append(f)
         findings.sort(key=lambda f: (f.line or 0, f.cwe, f.rule))
+        notes = [f"{x}: regex rules only (the semgrep layer found nothing in its probe at start-up)"
+                 for x in langs if x in self.semgrep_broken]
         return ScanResult(findings, treatment_of(findings), time.perf_counter() - start,
-                          [lang] if lang else ["all"], 1)
+                          [lang] if lang else ["all"], 1, notes)
 
     async def scan_reply(self, text: str) -> ScanResult:
-        """Scan every fenced code block of a reply (each with its tag's language); nothing to scan: ignore."""
+        """Scan a model's reply: each fenced code block with its tag's language, or, when the reply has no
+        fenced block, the whole reply with every language's rules (as llama-stack's Code Shield shield scans
+        a message), so code written without a fence is not skipped."""
         start = time.perf_counter()
-        blocks = code_blocks(text)
-        results = await asyncio.gather(*(self.scan(code, tag) for tag, code in blocks if code.strip()))
+        blocks = [(tag, code) for tag, code in code_blocks(text) if code.strip()]
+        if not blocks and text.strip():
+            blocks = [(None, text)]
+        results = await asyncio.gather(*(self.scan(code, tag) for tag, code in blocks))
         findings = [f for r in results for f in r.findings]
         langs = list(dict.fromkeys(x for r in results for x in r.languages))
-        return ScanResult(findings, treatment_of(findings), time.perf_counter() - start, langs, len(results))
+        notes = list(dict.fromkeys(n for r in results for n in r.notes))
+        return ScanResult(findings, treatment_of(findings), time.perf_counter() - start, langs, len(results), notes)
 
     def scan_sync(self, code: str, language: str | None = None) -> ScanResult:
         """scan() for callers without an event loop."""

@@ -93,6 +93,8 @@ def run_codeshield(ns: argparse.Namespace) -> int:
         for f in res.findings:
             print(f"{name}:{f.line or '?'}: {f.cwe or 'CWE-?'} {f.severity} {f.rule} ({f.analyzer}, {f.language}): "
                   f"{f.description}")
+        for note in res.notes:
+            print(f"{name}: note: {note}", file=sys.stderr)
         what = f"{res.blocks} code block(s), " if ns.markdown else ""
         print(f"{name}: {what}{len(res.findings)} finding(s), recommended treatment: {res.treatment} "
               f"({res.seconds * 1000:.0f} ms, rules: {', '.join(res.languages) or 'none'})", file=sys.stderr)
