@@ -174,7 +174,6 @@ class CodeShieldScanner:
 
     def __init__(self, check: bool = True):
         try:
-            import yaml  # noqa: F401  (codeshield's own dependency: fail here with the extra's name)
             from codeshield.insecure_code_detector import insecure_code_detector as icd
             from codeshield.insecure_code_detector.languages import Language, get_supported_languages
             from codeshield.insecure_code_detector.usecases import UseCase
@@ -215,14 +214,15 @@ class CodeShieldScanner:
                             f"{semgrep}; codeshield 1.0.1 needs semgrep==1.75.0, newer ones scan nothing); "
                             "run: pip install semgrep==1.75.0.")
 
-    async def scan(self, code: str, language: str | None = None) -> ScanResult:
+    async def scan(self, code: str, language: str | None = None, before: str | None = None) -> ScanResult:
         """Scan one piece of code. language: a name, tag or extension; None or an unsupported one: every
-        language's rules (Code Shield's default)."""
+        language's rules (Code Shield's default). before: code that precedes it (a completion's prompt):
+        semgrep sees the whole file, but only findings in `code` count (CyberSecEval's code_before)."""
         start = time.perf_counter()
         lang = language_of(language)
         langs = [lang] if lang else list(self.supported)
-        found = await asyncio.gather(*(self._icd.analyze(self._Language(x), code, usecase=self._usecase)
-                                       for x in langs))
+        found = await asyncio.gather(*(self._icd.analyze(self._Language(x), code, code_before=before,
+                                                         usecase=self._usecase) for x in langs))
         findings: list[CodeFinding] = []
         seen: set[tuple] = set()
         for x, issues in zip(langs, found):
@@ -255,9 +255,26 @@ class CodeShieldScanner:
         notes = list(dict.fromkeys(n for r in results for n in r.notes))
         return ScanResult(findings, treatment_of(findings), time.perf_counter() - start, langs, len(results), notes)
 
-    def scan_sync(self, code: str, language: str | None = None) -> ScanResult:
+    def scan_sync(self, code: str, language: str | None = None, before: str | None = None) -> ScanResult:
         """scan() for callers without an event loop."""
-        return asyncio.run(self.scan(code, language))
+        return asyncio.run(self.scan(code, language, before))
+
+    def rule_cwes(self, languages: list[str]) -> list[str]:
+        """Every CWE id Code Shield's rules for `languages` can report (regex and semgrep), sorted."""
+        import json
+
+        from codeshield.insecure_code_detector import insecure_patterns, oss
+        from codeshield.insecure_code_detector.analyzers import Analyzer
+
+        cwes: set[str] = set()
+        for lang in languages:
+            for p in insecure_patterns.load(self._Language(lang), Analyzer.REGEX, self._usecase):
+                cwes.add(p.cwe_id)
+            rules = oss.SEMGREP_RULE_REPO_PATH / "_generated_" / f"{lang}_{self._usecase.value}.json"
+            if rules.is_file():
+                for rule in json.loads(rules.read_text()).get("rules", []):
+                    cwes.add((rule.get("metadata") or {}).get("cwe_id") or "")
+        return sorted((c for c in cwes if c), key=lambda c: (len(c), c))
 
 
 def _in_loop() -> bool:
