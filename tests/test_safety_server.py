@@ -223,3 +223,17 @@ def test_metrics_report_the_guard(warn_server):
     if HAVE_CODESHIELD:
         assert 'herd_code_shield_findings_total{cwe="CWE-502",severity="warning"}' in text
         assert metric(warn_server, "herd_code_shield_seconds_count") >= 1
+
+
+def test_serve_moderation_flags_fail_in_one_line(tmp_path, capsys):
+    from herd.cli import main
+
+    for args, match in ((["--guard", str(tmp_path / "nope")], "--guard"),
+                        (["--guard-check", "sometimes"], "unknown --guard-check 'sometimes'"),
+                        (["--code-shield", "loud"], "unknown --code-shield 'loud'"),
+                        (["--guard-exclude", "S1"], "need --guard GUARD_CHECKPOINT"),
+                        (["--guard", str(tmp_path), "--guard-categories", str(tmp_path / "c.json")],
+                         "--guard-categories")):
+        code = main(["serve", str(tmp_path / "model"), "--port", "0", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err and err.startswith("herd: error:") and err.count("\n") == 1, err

@@ -97,6 +97,18 @@ class ModerationConfig:
             raise HerdError("--guard-tokenizer, --guard-categories and --guard-exclude need --guard GUARD_CHECKPOINT.")
 
 
+    def check_files(self) -> None:
+        """HerdError for a guard checkpoint or categories file that does not exist (before anything loads)."""
+        from pathlib import Path
+
+        for flag, value in (("--guard", self.guard), ("--guard-tokenizer", self.guard_tokenizer),
+                            ("--guard-categories", self.guard_categories)):
+            if value and not Path(value).exists():
+                raise HerdError(f"{flag} {value} does not exist; pass "
+                                + ("the folder of a Llama Guard model (or of a guard trained with herd sft)."
+                                   if flag == "--guard" else "an existing file."))
+
+
 class _Histogram:
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS) + 1)
@@ -456,6 +468,7 @@ def build_moderator(cfg: ModerationConfig, tokenizer: Any, threads: int = 0, dev
     from pathlib import Path
 
     cfg.validate()
+    cfg.check_files()
     guard = scanner = None
     if cfg.guard:
         from herd.safety.guard_cli import guard_format, load_guard

@@ -54,6 +54,7 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     moderation = dataclass_from_args(ModerationConfig, ns)
     moderation.validate()  # before the model loads
+    moderation.check_files()
     load_ns = argparse.Namespace(checkpoint=ns.checkpoint, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device,
                                  adapter=ns.adapter, threads=ns.threads, quantize=ns.quantize,
                                  group_size=ns.group_size)
