@@ -5,8 +5,6 @@ write nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -84,12 +82,9 @@ def test_model_overrides_extend_the_context(data, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def _run_cli(*argv: str) -> subprocess.CompletedProcess:
-    code = "import sys; from herd.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, "pretrain", *argv], capture_output=True, text=True, timeout=120)
+def test_bad_init_checkpoints_are_one_line_and_write_nothing(data, tmp_path, official_tokenizer_model, capsys):
+    from herd.cli import main
 
-
-def test_bad_init_checkpoints_are_one_line_and_write_nothing(data, tmp_path, official_tokenizer_model):
     small = Transformer(ModelArgs(**{**SHAPE, "vocab_size": 128}))
     small.init_weights()
     save_checkpoint(small, tmp_path / "small-vocab")
@@ -115,9 +110,9 @@ def test_bad_init_checkpoints_are_one_line_and_write_nothing(data, tmp_path, off
     }
     for name, expect in cases.items():
         out = tmp_path / f"out-{name}"
-        proc = _run_cli("--data", str(data), "--out", str(out), "--init-from", str(tmp_path / name), "--steps", "1",
-                        "--batch-size", "4", "--seq-len", "32")
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("herd: error: "), (name, proc.stderr)
+        code = main(["pretrain", "--data", str(data), "--out", str(out), "--init-from", str(tmp_path / name),
+                     "--steps", "1", "--batch-size", "4", "--seq-len", "32", "--threads", "1"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("herd: error: "), (name, lines)
         assert expect in lines[0], (name, lines[0])
         assert not out.exists(), name

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from herd.errors import HerdError
-from herd.model import Transformer
+from herd.model import KVCache, Transformer
 
 Request = tuple[Sequence[int], Sequence[int]]
 
@@ -52,11 +52,13 @@ class ScorerConfig:
     """Contexts sharing a prefix of at least this many tokens compute that prefix once."""
 
 
-class _Cache:
-    """KV buffers of one tree level: what Transformer.features reads as `cache.k[i]` / `cache.v[i]`."""
+class _Cache(KVCache):
+    """KV buffers of one tree level (a KVCache over buffers built here, so the model's `cache.update`
+    writes and reads them), plus which slots each row may attend to and where its positions continue."""
 
     def __init__(self, k: list[Tensor], v: list[Tensor], valid: Tensor, next_pos: Tensor):
         self.k, self.v = k, v  # per layer [R, n_kv_heads, T, head_dim]
+        self.batch_size, self.max_len = k[0].shape[0], k[0].shape[2]
         self.valid = valid  # bool [R, T]: slots row r attends to from here on
         self.next_pos = next_pos  # long [R]: RoPE position of row r's next token
 
