@@ -61,8 +61,14 @@ class GuardClassifier:
         # token shows whether the guard would have ended there (anything longer is unparseable anyway).
         longest = self.fmt.reply(self.fmt.codes)
         self.max_new_tokens = len(tokenizer.encode(longest)) + 1
-        self.engine = engine or Engine(model, max_batch_size=max_batch_size,
-                                       max_seq_len=min(max_seq_len or model.args.max_seq_len, 8192))
+        if engine is None:
+            ctx = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len, 8192)
+            # Guard prompts are a few hundred tokens: a pool of ~1K tokens per row holds a full batch of
+            # them (a longer conversation still runs; the scheduler preempts if the pool runs out) instead
+            # of batch x context, which for an 8B guard at 4K context would be 8.6 GB of cache.
+            engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=ctx,
+                            cache_tokens=max(ctx, max_batch_size * 1024))
+        self.engine = engine
         self.engine.vocab_limit = min(self.engine.vocab_limit, tokenizer.n_words)
 
     def params(self) -> SamplingParams:

@@ -9,13 +9,17 @@ unsafe ones ("kill a process", "the history of chemical weapons treaties"). Half
 check the prompt (User), half an assistant reply (Agent): a harmful request answered with a
 refusal is safe, complied with it is unsafe under the request's categories.
 
-Each template's slot values are split in two: train records use the first part, test records the
-rest, so the held-out records pair templates with words the guard never saw in them.
+Train and test records are different conversations: each conversation belongs to one part by a
+stable hash of its text (a quarter of them to test), so a held-out record is a combination of
+template and words the guard never saw whole, while the words that carry each category are seen in
+training (a toy guard trained from scratch knows no language to generalize from).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import random
 from typing import Any
 
@@ -85,22 +89,22 @@ HELPFUL = ["Sure! Start with the basics and practice a little every day.",
            "Here is a simple explanation with an example.", "Happy to help: here is an overview."]
 
 
-def _split(values: list[str], part: str) -> list[str]:
-    """The first three quarters of a slot's values for train, the rest for test."""
-    cut = max(1, (len(values) * 3) // 4)
-    return values[:cut] if part == "train" else values[cut:]
-
-
-def _fill(template: str, rng: random.Random, part: str) -> str:
+def _fill(template: str, rng: random.Random) -> str:
     out = template
     while "{" in out:
         slot = out[out.index("{") + 1:out.index("}")]
-        out = out.replace("{" + slot + "}", rng.choice(_split(FILL[slot], part)), 1)
+        out = out.replace("{" + slot + "}", rng.choice(FILL[slot]), 1)
     return out
 
 
+def _part(messages: list[dict[str, str]]) -> str:
+    """train or test, by a stable hash of the conversation (a quarter of them are test)."""
+    digest = hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=8).digest()
+    return "test" if digest[0] % 4 == 0 else "train"
+
+
 def synthetic_guard_records(n: int, part: str = "train", seed: int = 0) -> list[dict[str, Any]]:
-    """n labelled records (distinct conversations) of the train or test part.
+    """n labelled records (distinct conversations) of the train or test part (the parts never share one).
 
     About half are unsafe (spread over the categories, a sixth of them S1+S9), half safe; half check
     the prompt, half a reply. Records: {"messages", "role", "label", "categories"}.
@@ -120,9 +124,9 @@ def synthetic_guard_records(n: int, part: str = "train", seed: int = 0) -> list[
         cats: tuple[str, ...] = ()
         if harmful:
             cats = rng.choice(kinds)
-            request = _fill(rng.choice(UNSAFE_REQUESTS[cats]), rng, part)
+            request = _fill(rng.choice(UNSAFE_REQUESTS[cats]), rng)
         else:
-            request = _fill(rng.choice(SAFE_REQUESTS), rng, part)
+            request = _fill(rng.choice(SAFE_REQUESTS), rng)
         messages = [{"role": "user", "content": request}]
         role, labels = "User", list(cats)
         if rng.random() < 0.5:  # check a reply instead
@@ -135,7 +139,7 @@ def synthetic_guard_records(n: int, part: str = "train", seed: int = 0) -> list[
                 reply = rng.choice(HELPFUL)
             messages.append({"role": "assistant", "content": reply})
         key = repr(messages)
-        if key in seen:
+        if key in seen or _part(messages) != part:
             continue
         seen.add(key)
         out.append({"messages": messages, "role": role, "label": "unsafe" if labels else "safe",
