@@ -49,20 +49,38 @@ def model(tok) -> Transformer:
     return m
 
 
-def reference(model: Transformer, prompt: list[int], n: int, stops: set[int]) -> tuple[list[int], float]:
-    """Greedy ids by a cache-free full forward per token, and p(first token in unsafe ids)."""
-    seq, out, score = list(prompt), [], None
+def reference(model: Transformer, prompt: list[int], n: int, stops: set[int], tok: Tokenizer) -> tuple[list[int], float]:
+    """Greedy ids by a cache-free full forward per token, and p(unsafe) where the answer starts (the first
+    step whose token is not blank)."""
+    seq, out, score, started = list(prompt), [], None, False
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([seq]))[0, -1].float()
-            if score is None:
-                score = torch.softmax(logits, -1)[[39257, 20451]].sum().item()
             t = int(logits.argmax())
+            blank = t not in stops and not tok.decode([t]).strip()
+            if not started and (score is None or not blank):
+                score = torch.softmax(logits, -1)[[39257, 20451]].sum().item()
+            started = started or not blank
             if t in stops:
                 break
             out.append(t)
             seq.append(t)
     return out, score
+
+
+def test_score_is_read_where_the_answer_starts(tok):
+    """A guard that writes a blank line first (prompts rendered without it) is scored at its first real token."""
+    from herd.safety.classifier import Answer
+
+    a = Answer(tok)
+    for token, lp, stop in ((271, [-9.0, -9.5], False), (39257, [-0.1, -5.0], False), (198, [-7.0, -7.0], False),
+                            (tok.eot_id, [-8.0, -8.0], True)):
+        a.push(token, lp, stop)
+    assert a.watched == [-0.1, -5.0] and tok.decode(a.ids) == "\n\nunsafe\n"
+    b = Answer(tok)
+    b.push(19193, [-6.0, -6.0], False)  # "safe" at once: the first step's values
+    b.push(271, [-1.0, -1.0], False)
+    assert b.watched == [-6.0, -6.0]
 
 
 def test_unsafe_token_ids(tok):
@@ -75,7 +93,7 @@ def test_score_and_answer_equal_full_forwards(tok, model):
     stops = set(tok.stop_tokens) | {tok.bos_id}
     for conv, res in zip(CONVS, results):
         ids, role = guard.prompt(conv)
-        want_ids, want_score = reference(model, ids, guard.max_new_tokens, stops)
+        want_ids, want_score = reference(model, ids, guard.max_new_tokens, stops, tok)
         assert res.text == tok.decode(want_ids)
         assert res.score == pytest.approx(want_score, rel=1e-4, abs=1e-7)
         assert res.role == role

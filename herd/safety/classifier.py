@@ -9,6 +9,10 @@ first step's full distribution through the engine's watch_tokens: no second forw
 
 The score adds the probabilities of the first tokens of "unsafe" and " unsafe", so a guard that
 writes a space after `[/INST]` (Llama Guard 2's prompt ends there) is scored as one that does not.
+It is read where the answer starts: a guard that first writes whitespace (Llama Guard 3 1B's chat
+template and llama-recipes' PROMPT_TEMPLATE_3 end without the blank line after the assistant header,
+so a guard trained on them writes "\n\n" first) is scored at its first non-blank token; scoring
+the blank would give p(unsafe) ~ 0 and pass everything.
 """
 
 from __future__ import annotations
@@ -34,6 +38,26 @@ def unsafe_token_ids(tokenizer: Tokenizer) -> list[int]:
     safe_first = {tokenizer.encode(s)[0] for s in ("safe", " safe")}
     ids = [tokenizer.encode(s)[0] for s in ("unsafe", " unsafe")]
     return [i for i in dict.fromkeys(ids) if i not in safe_first]
+
+
+class Answer:
+    """A guard's answer as its tokens arrive: the ids, and the watched log-probs where the answer starts
+    (the first step whose token is not blank)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.watched: list[float] | None = None
+        self._started = False
+
+    def push(self, token: int, watched: list[float] | None, stop: bool) -> None:
+        if not self._started:
+            blank = not stop and not self.tokenizer.decode([token]).strip()
+            if not blank or self.watched is None:  # a blank first token: keep its values until a real one comes
+                self.watched = watched
+            self._started = not blank
+        if not stop:
+            self.ids.append(token)
 
 
 class GuardClassifier:
@@ -88,7 +112,8 @@ class GuardClassifier:
         return ids, role
 
     def result(self, ids: list[int], watched: list[float] | None, role: str) -> GuardResult:
-        """A GuardResult from the generated ids (no stop token) and the first step's watched log-probs."""
+        """A GuardResult from the generated ids (no stop token) and the watched log-probs where the answer
+        starts (Answer)."""
         text = self.tokenizer.decode([t for t in ids if not self.tokenizer.is_special(t)])
         parsed = parse_guard_output(text)
         score = None if watched is None else min(1.0, sum(math.exp(v) for v in watched))
@@ -123,17 +148,13 @@ class GuardClassifier:
             bar = tqdm(total=len(prompts), unit="conv", desc="guard", file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(prompts), chunk):
             part = prompts[start:start + chunk]
-            ids: list[list[int]] = [[] for _ in part]
-            first: list[list[float] | None] = [None] * len(part)
+            answers = [Answer(self.tokenizer) for _ in part]
             for events in self.engine.stream(part, params):
                 for e in events:
-                    if first[e.index] is None:
-                        first[e.index] = e.watched
-                    if e.finish_reason != "stop":
-                        ids[e.index].append(e.token)
+                    answers[e.index].push(e.token, e.watched, e.finish_reason == "stop")
                     if e.finish_reason is not None and bar is not None:
                         bar.update(1)
-            results += [self.result(ids[j], first[j], roles[start + j]) for j in range(len(part))]
+            results += [self.result(a.ids, a.watched, roles[start + j]) for j, a in enumerate(answers)]
         if bar is not None:
             bar.close()
         return results

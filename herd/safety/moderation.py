@@ -207,8 +207,9 @@ class Moderator:
             job = self.worker.submit(ids, self.guard.params(), None, queue)
         except RuntimeError:
             raise APIError(503, "The server is shutting down; retry on another instance.", type="server_error") from None
-        out: list[int] = []
-        watched = None
+        from herd.safety.classifier import Answer
+
+        answer = Answer(self.guard.tokenizer)
         done = False
         try:
             while True:
@@ -219,14 +220,11 @@ class Moderator:
                 if isinstance(item, Exception):
                     raise APIError(500, f"the moderation guard failed: {item}", type="server_error")
                 for e in item:
-                    if watched is None:
-                        watched = e.watched
-                    if e.finish_reason != "stop":
-                        out.append(e.token)
+                    answer.push(e.token, e.watched, e.finish_reason == "stop")
         finally:
             if not done:  # the request went away (client gone) or the guard failed: free the guard's cache
                 self.worker.cancel(job)
-        result = self.guard.result(out, watched, role)
+        result = self.guard.result(answer.ids, answer.watched, role)
         self.guard_time[stage].observe(time.perf_counter() - start)
         flagged = result.flagged(self.threshold)
         self.checks[stage, "flagged" if flagged else "passed"] += 1
