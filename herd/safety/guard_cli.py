@@ -35,7 +35,7 @@ def add_format_args(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--categories", type=Path, default=None,
                         help="JSON array of custom categories ({'name', 'description'} objects, numbered S1..Sn) "
                              "instead of the version's published list")
-    parser.add_argument("--exclude", default="", help="category codes to leave out of the prompt, e.g. S6,S7 "
+    parser.add_argument("--exclude", default=None, help="category codes to leave out of the prompt, e.g. S6,S7 "
                                                       "(the others keep their codes)")
     # plain switches (not `--flag BOOL`): a BOOL value would swallow the DATA paths that follow
     parser.add_argument("--descriptions", action="store_true",
@@ -65,7 +65,7 @@ def add_guard_args(parser: argparse.ArgumentParser) -> None:
                         help="check the prompt (User) or the reply (Agent) of every conversation (default: each "
                              "record's 'role', else its last message's)")
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="flag when p(first token is 'unsafe') >= this (the model cards' classifier score); "
+                        help="flag when p('unsafe' as the answer's first token) >= this (the model cards' classifier score); "
                              "a negative value lets the generated verdict decide")
     parser.add_argument("--eval", action="store_true",
                         help="the data is labelled: report precision / recall / F1 (unsafe vs safe and per category)")
@@ -246,8 +246,12 @@ def _write_sft(ns: argparse.Namespace, fmt) -> int:
             raise HerdError(f"no record could be rendered (first problem: {first_error or 'no records'}); give "
                             "labelled {'messages'|'prompt', 'label', 'categories'} records.")
     skipped = f"; skipped {sum(errors.values()):,} ({first_error})" if errors else ""
+    same = " ".join(f"--{k} {v}" for k, v in (("guard-version", ns.guard_version if ns.guard_version != 3 else None),
+                                               ("categories", ns.categories), ("exclude", ns.exclude)) if v)
     print(f"herd guard: wrote {written:,} training records to {ns.write_sft}{skipped}\n"
-          f"train with: herd sft --data {ns.write_sft} {fmt.sft_flags()} --init-from MODEL ...", file=sys.stderr)
+          f"train with: herd sft --data {ns.write_sft} {fmt.sft_flags()} --init-from MODEL ...\n"
+          f"then use the guard with the same prompt: herd guard --checkpoint RUN/final {same}".rstrip(),
+          file=sys.stderr)
     return 0
 
 

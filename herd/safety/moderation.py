@@ -67,7 +67,7 @@ class ModerationConfig:
     guard_descriptions: bool = False
     """Write category descriptions into the guard's prompt."""
     guard_threshold: float = 0.5
-    """Flag when p(first token is 'unsafe') >= this; a negative value lets the generated verdict decide."""
+    """Flag when p('unsafe' as the answer's first token) >= this; a negative value lets the generated verdict decide."""
     guard_check: str = "both"
     """What the guard checks: prompt (before generation), response (after it) or both."""
     guard_stream: str = "end"
