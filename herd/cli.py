@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
     "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
     "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
+    "guard": ("herd.safety.guard_cli:guard", "Llama Guard moderation: classify or evaluate conversations, make guard training data"),
+    "codeshield": ("herd.safety.codeshield_cli:codeshield", "scan code for insecure patterns with Meta's Code Shield (CWE, severity)"),
 }
 
 

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 INDIRECT = {"tensorboard": "torch.utils.tensorboard writes the event files with it",
             "orjson": "datatrove's JSONL reader and writer import it when they run"}
 # imported only by an optional part of herd, declared in that part's extra (module -> extra)
-OPTIONAL = {"lm_eval": "lm-eval"}  # herd.eval.lm_eval_adapter / herd-lm-eval: pip install "herd[lm-eval]"
+OPTIONAL = {"lm_eval": "lm-eval",  # herd.eval.lm_eval_adapter / herd-lm-eval: pip install "herd[lm-eval]"
+            "codeshield": "safety"}  # herd.safety.codeshield: pip install "herd[safety]"
 
 
 def _norm(name: str) -> str:

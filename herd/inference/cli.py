@@ -47,7 +47,7 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint of a small model with the same tokenizer: speculative decoding, "
                              "same output distribution, fewer forwards of the big model")
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (with --draft)")
-    add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs"), group="sampling")
+    add_dataclass_args(parser, SamplingParams, skip=("logprobs", "top_logprobs", "prompt_logprobs", "watch_tokens"), group="sampling")
 
 
 def add_quantize_flags(parser: argparse.ArgumentParser) -> None:

@@ -58,6 +58,8 @@ class TokenEvent:
     None for the first token (nothing predicts it)."""
     cached_tokens: int = 0
     """On the first event: prompt tokens whose keys/values came from the prefix cache."""
+    watched: list[float] | None = None
+    """log p of each of the request's params.watch_tokens at this step (unmodified distribution), if it set any."""
 
 
 @dataclass
@@ -187,6 +189,9 @@ class Engine:
             bad = lo if lo < 0 else hi
             raise HerdError(f"token id {bad} is outside the model's vocabulary (0..{self.args.vocab_size - 1}); "
                             "use the tokenizer the model was trained with.")
+        bad_watch = [t for t in params.watch_tokens if not 0 <= t < self.vocab_limit]
+        if bad_watch:
+            raise HerdError(f"watch_tokens {bad_watch} are outside the vocabulary (0..{self.vocab_limit - 1}).")
 
     def add_request(self, prompt: Seq[int], params: SamplingParams,
                     constraint: TokenConstraint | None = None) -> int:
@@ -302,7 +307,9 @@ class Engine:
             if s.constraint is not None:
                 new[i] = constrained_token(adjusted[i], s.params, s.generator, s.constraint)
                 s.constraint.advance(new[i])
-        lp = top = None
+        lp = top = watched = None
+        if any(p.watch_tokens for p in plist):
+            watched = torch.log_softmax(logits.float(), dim=-1)  # [B, V]; only the watched columns are read
         if any(p.logprobs for p in plist):
             lp = token_logprobs(logits, torch.tensor(new, device=logits.device)).tolist()
             k = max(p.top_logprobs for p in plist)
@@ -322,7 +329,8 @@ class Engine:
                 s.id, tok, lp[i] if lp is not None and p.logprobs else None, reason,
                 top_logprobs=top[i][:p.top_logprobs] if top is not None and p.logprobs and p.top_logprobs else None,
                 prompt_logprobs=s.prompt_logprobs if first and p.prompt_logprobs else None,
-                cached_tokens=s.num_cached if first else 0))
+                cached_tokens=s.num_cached if first else 0,
+                watched=watched[i, p.watch_tokens].tolist() if watched is not None and p.watch_tokens else None))
             if reason is not None:
                 self._seqs.pop(s.id, None)
                 self.scheduler.finish(s)

@@ -52,6 +52,9 @@ class SamplingParams:
     """Subtract this from the logit of every token already generated (OpenAI's presence_penalty, -2..2)."""
     frequency_penalty: float = 0.0
     """Subtract this times its count from the logit of every generated token (OpenAI's frequency_penalty, -2..2)."""
+    watch_tokens: list[int] = field(default_factory=list)
+    """Token ids whose log-probabilities under the unmodified distribution every step reports (TokenEvent.watched):
+    a classifier's score, e.g. p("unsafe") as a guard's first token."""
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

@@ -34,6 +34,7 @@ TASK_MODULES = [
     "herd.eval.tasks.multiple_choice",
     "herd.eval.tasks.generation",
     "herd.eval.tasks.perplexity",
+    "herd.eval.tasks.insecure_code",
 ]
 """Modules that register tasks; imported the first time a task name is looked up."""
 

@@ -10,8 +10,12 @@ field), the model name (404), the context check (400 with the numbers), the queu
 Retry-After) and shutdown (503). Every error, even an unexpected one, is OpenAI's error object;
 the server keeps running.
 
-`request_hooks` is where optional checks plug in (a moderation guard, Code Shield): each is
-`async def hook(kind, body) -> None` and may raise APIError to refuse a request.
+Optional checks plug in two ways. `request_hooks`: `async def hook(kind, body) -> None`, which may
+raise APIError to refuse a request. `extensions` (ServerExtension, e.g. herd.safety.moderation's
+Moderator): `before(kind, body)` runs after the model name is checked and may answer in place of
+the model (a refusal); `after(kind, body, result)` sees every result (a response object, or the
+stream of server-sent events) and returns it, changed or not; `metrics()` adds lines to /metrics;
+`close()` runs at shutdown.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -32,19 +36,39 @@ from herd.inference.server.generate import Service
 from herd.inference.server.protocol import SSE_DONE, APIError, error_body, get, sse
 
 RequestHook = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class ServerExtension(Protocol):
+    """A check around generation (see the module docstring). kind is "chat" or "completions"."""
+
+    async def before(self, kind: str, body: dict[str, Any]) -> Any:
+        """None to go on, or a reply (a response dict, or an async iterator of SSE bytes) that answers instead."""
+
+    async def after(self, kind: str, body: dict[str, Any], result: Any) -> Any:
+        """The result to send (the same shape it was given)."""
+
+    def metrics(self) -> str:
+        """Prometheus text lines to append to /metrics ('' for none)."""
+
+    def close(self) -> None:
+        """Release threads and models at shutdown."""
 OPEN_PATHS = frozenset({"/", "/health", "/favicon.ico"})
 
 
 def create_app(service: Service, api_key: str | None = None, max_body_bytes: int = 4 << 20,
-               request_hooks: list[RequestHook] | None = None, shutdown_timeout: float = 30.0) -> FastAPI:
+               request_hooks: list[RequestHook] | None = None, shutdown_timeout: float = 30.0,
+               extensions: list[ServerExtension] | None = None) -> FastAPI:
     """The app; the caller starts service.worker (the lifespan stops it: in-flight requests finish
     or are cancelled after shutdown_timeout seconds)."""
     hooks = list(request_hooks or [])
+    exts = list(extensions or [])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         service.worker.stop(timeout=shutdown_timeout)
+        for ext in exts:
+            ext.close()
 
     app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -115,19 +139,29 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
         return StreamingResponse(guarded(result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def generate(kind: str, request: Request) -> Response:
         body = await read_json(request)
         for hook in hooks:
-            await hook("chat", body)
-        return await respond(await service.chat_completions(body, request))
+            await hook(kind, body)
+        if exts:
+            service.check_model(body)  # a wrong model name is a 404 before any check runs
+        for ext in exts:
+            answer = await ext.before(kind, body)
+            if answer is not None:
+                return await respond(answer)
+        run = service.chat_completions if kind == "chat" else service.completions
+        result = await run(body, request)
+        for ext in exts:
+            result = await ext.after(kind, body, result)
+        return await respond(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate("chat", request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await read_json(request)
-        for hook in hooks:
-            await hook("completions", body)
-        return await respond(await service.completions(body, request))
+        return await generate("completions", request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -175,7 +209,8 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(service), media_type="text/plain; version=0.0.4")
+        text = prometheus_text(service) + "".join(ext.metrics() for ext in exts)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page() -> HTMLResponse:

@@ -1,7 +1,8 @@
 """`herd serve CHECKPOINT`: the OpenAI-compatible server on uvicorn.
 
-Flags come from ServerConfig (herd.inference.server.runner); the model and tokenizer load as for
-`herd generate`. Ctrl-C or SIGTERM stops taking requests, lets in-flight ones finish for
+Flags come from ServerConfig (herd.inference.server.runner) and, for moderation (--guard, a Llama
+Guard model checking prompts and replies; --code-shield, Code Shield on code in replies), from
+herd.safety.moderation.ModerationConfig; the model and tokenizer load as for `herd generate`. Ctrl-C or SIGTERM stops taking requests, lets in-flight ones finish for
 --shutdown-timeout seconds, then cancels the rest.
 """
 
@@ -31,6 +32,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_quantize_flags(parser)
     add_threads_flag(parser)
     add_dataclass_args(parser, ServerConfig, group="server")
+    from herd.safety.moderation import ModerationConfig  # a plain dataclass: nothing heavy is imported
+
+    add_dataclass_args(parser, ModerationConfig, group="moderation (Llama Guard, Code Shield)")
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -46,13 +50,25 @@ def run_serve(ns: argparse.Namespace) -> int:
     if not 0 <= cfg.port <= 65535:
         raise HerdError(f"--port must be from 0 to 65535, got {cfg.port}.")
     _check_port(cfg.host, cfg.port)
+    from herd.safety.moderation import ModerationConfig
+
+    moderation = dataclass_from_args(ModerationConfig, ns)
+    moderation.validate()  # before the model loads
+    moderation.check_files()
     load_ns = argparse.Namespace(checkpoint=ns.checkpoint, tokenizer=ns.tokenizer, dtype=ns.dtype, device=ns.device,
                                  adapter=ns.adapter, threads=ns.threads, quantize=ns.quantize,
                                  group_size=ns.group_size)
     print(f"herd serve: loading {ns.checkpoint} ...", file=sys.stderr)
     model, tokenizer = _load(load_ns)
     name = cfg.served_model_name or ns.checkpoint.resolve().name
-    app = build_app(model, tokenizer, cfg, model_name=name)
+    extensions = []
+    if moderation.enabled:
+        from herd.safety.moderation import build_moderator
+
+        print(f"herd serve: loading moderation ({'guard ' + moderation.guard if moderation.guard else 'no guard'}"
+              f", Code Shield {moderation.code_shield}) ...", file=sys.stderr)
+        extensions.append(build_moderator(moderation, tokenizer, threads=ns.threads, device=ns.device))
+    app = build_app(model, tokenizer, cfg, model_name=name, extensions=extensions)
     engine = app.state.service.engine
     quant = f", {ns.quantize} weights" if ns.quantize else ""
     print(f"herd serve: model '{name}' ({model.num_params() / 1e6:.1f}M parameters{quant}), context {engine.max_seq_len}, "

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from herd.errors import HerdError
 from herd.inference.engine import Engine
-from herd.inference.server.app import RequestHook, create_app
+from herd.inference.server.app import RequestHook, ServerExtension, create_app
 from herd.inference.server.generate import Service
 from herd.inference.server.protocol import Limits
 from herd.inference.server.worker import EngineWorker
@@ -86,11 +86,12 @@ def build_service(model: Transformer, tokenizer: Tokenizer, cfg: ServerConfig, m
 
 def build_app(model: Transformer, tokenizer: Tokenizer, cfg: ServerConfig | None = None, model_name: str = "herd",
               request_hooks: list[RequestHook] | None = None,
-              model_transforms: list[Callable[[Transformer], Transformer]] | None = None) -> FastAPI:
+              model_transforms: list[Callable[[Transformer], Transformer]] | None = None,
+              extensions: list[ServerExtension] | None = None) -> FastAPI:
     cfg = cfg or ServerConfig()
     service = build_service(model, tokenizer, cfg, cfg.served_model_name or model_name, model_transforms)
     return create_app(service, api_key=cfg.api_key or None, max_body_bytes=int(cfg.max_body_mb * 2**20),
-                      request_hooks=request_hooks, shutdown_timeout=cfg.shutdown_timeout)
+                      request_hooks=request_hooks, shutdown_timeout=cfg.shutdown_timeout, extensions=extensions)
 
 
 class ServerThread:
