@@ -13,6 +13,7 @@
 - replies.py  held-out prompts and greedy chat replies (did each end with <|eot_id|>?)
 - export.py   the end of a run: OUT/final in any format, or OUT/adapter (peft layout) [+ merged]
 - sft.py      the SFT loop (`herd sft`);  synthetic.py  a stdlib docstring instruction set
+- arithmetic.py  a verifiable task (small sums): SFT records, preference pairs, prompts, reward()
 - preference.py       one preference record (TRL's formats, Llama 3's ranked form) -> prompt + responses
 - preference_data.py  PreferenceDataConfig, build_preference_data -> PreferenceDataset + PreferenceReport
 - pairs.py    batches of preference examples (concat / shared-prompt rows), per-response log-probs
