@@ -55,3 +55,23 @@ def test_command_line(tmp_path, capsys):
     assert "ask for at most" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         arithmetic.main(["--help"])
+
+
+def test_reward_fn_loading_and_failures(tmp_path):
+    from herd.posttrain.reward_fn import RewardFunction, load_reward_fn
+
+    fn = load_reward_fn("herd.posttrain.arithmetic:reward")
+    assert fn([{"role": "user", "content": "What is 2 + 2?"}], "2 + 2 = 4.") == 1.0
+    path = tmp_path / "rewards.py"
+    path.write_text("def length(prompt, reply):\n    return len(reply)\n"
+                    "def picky(prompt, reply):\n    if reply == 'boom':\n        raise KeyError(reply)\n"
+                    "    return None if reply == 'none' else float('nan') if reply == 'nan' else 1\n")
+    assert load_reward_fn(f"{path}:length")([], "abc") == 3
+    picky = RewardFunction(f"{path}:picky")
+    assert [picky([], r) for r in ("ok", "boom", "none", "nan", "boom")] == [1.0, None, None, None, None]
+    assert picky.errors == {"KeyError": 2, "not_a_number": 2} and "failed on 4 replies" in picky.report()
+    assert RewardFunction(fn).report() == ""
+    for bad, msg in [("nocolon", "not MODULE:FUNCTION"), (f"{tmp_path}/x.py:f", "does not exist"),
+                     ("herd.no_such_module:f", "cannot import"), (f"{path}:missing", "has no function")]:
+        with pytest.raises(HerdError, match=msg):
+            load_reward_fn(bad)

@@ -14,6 +14,7 @@
 - export.py   the end of a run: OUT/final in any format, or OUT/adapter (peft layout) [+ merged]
 - sft.py      the SFT loop (`herd sft`);  synthetic.py  a stdlib docstring instruction set
 - arithmetic.py  a verifiable task (small sums): SFT records, preference pairs, prompts, reward()
+- reward_fn.py  --reward-fn MODULE:FUNCTION / FILE.py:FUNCTION loading; RewardFunction counts failures
 - preference.py       one preference record (TRL's formats, Llama 3's ranked form) -> prompt + responses
 - preference_data.py  PreferenceDataConfig, build_preference_data -> PreferenceDataset + PreferenceReport
 - pairs.py    batches of preference examples (concat / shared-prompt rows), per-response log-probs
