@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import math
 import os
+import sys
 from collections import Counter
 from typing import Any, Callable
 
@@ -35,9 +36,13 @@ def load_reward_fn(spec: str) -> RewardFn:
             raise HerdError(f"--reward-fn: {where} does not exist; pass the path of the Python file.")
         mod_spec = importlib.util.spec_from_file_location(f"herd_reward_fn_{abs(hash(where))}", where)
         module = importlib.util.module_from_spec(mod_spec)
+        # registered before it runs, as importlib's recipe does: a file defining a dataclass (or anything
+        # that looks its module up in sys.modules) fails to import otherwise
+        sys.modules[mod_spec.name] = module
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:
+            sys.modules.pop(mod_spec.name, None)
             raise HerdError(f"--reward-fn: importing {where} failed ({type(e).__name__}: {e}); fix the file.") from e
     else:
         try:

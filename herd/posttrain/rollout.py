@@ -55,8 +55,12 @@ class PolicyWithValue(nn.Module):
             self.value_head = head
 
     def forward(self, tokens: Tensor, targets: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor | None]:
+        keep = targets != IGNORE
+
         def head(h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]:
-            lp = token_logprobs(h, weight, targets, chunk)
+            # only the reply positions go through the vocabulary (the prompt is most of a row)
+            lp = token_logprobs(h[keep], weight, targets[keep], chunk)
+            lp = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device).masked_scatter(keep, lp)
             v = self.value_head(h.float()).squeeze(-1) if self.value_head is not None else None
             return lp, v
 
