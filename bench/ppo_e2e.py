@@ -51,13 +51,18 @@ class Sizes:
     sft_steps: int = 300
     prompts: int = 200
     iterations: int = 20
+    ppo_epochs: int = 2
+    minibatches: int = 2
     batch_size: int = 8
     group_size: int = 4
-    lr: float = 1e-3
-    kl_coef: float = 0.1
+    lr: float = 2e-3
+    kl_coef: float = 0.05
+    vf_coef: float = 0.1
+    """PPO: weight of the value loss (the value head shares the policy's body)."""
 
 
 QUICK = Sizes()
+QUICK_PPO = replace(QUICK, lr=1e-3, vf_coef=0.1)
 FULL = Sizes(dim=128, n_layers=4, sft_records=1000, sft_steps=200, prompts=400, iterations=60, lr=1e-3)
 
 
@@ -119,10 +124,11 @@ def build(out: Path, sizes: Sizes, algo: str, threads: int, progress: bool = Tru
         f"{sizes.group_size} replies")
     cfg = PPOConfig(init_from=str(tuned), prompts=[str(prompts)], out=str(run), algo=algo,
                     reward_fn=f"{Path(__file__).resolve()}:format_reward", steps=sizes.iterations,
-                    batch_size=sizes.batch_size, group_size=sizes.group_size, max_new_tokens=16, lr=sizes.lr,
+                    batch_size=sizes.batch_size, group_size=sizes.group_size, ppo_epochs=sizes.ppo_epochs,
+                    minibatches=sizes.minibatches, max_new_tokens=16, lr=sizes.lr,
                     warmup_ratio=0.0, schedule="constant", kl_coef=sizes.kl_coef, val_fraction=0.2, eval_prompts=40,
                     eval_every=max(sizes.iterations // 4, 1), checkpoint_every=0, log_every=1, tensorboard=False,
-                    threads=threads, seed=0, vf_coef=0.5 if algo == "ppo" else 0.1)
+                    threads=threads, seed=0, vf_coef=sizes.vf_coef)
     if run.exists():
         import shutil
 
@@ -147,7 +153,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=0, help="override the number of iterations")
     ns = parser.parse_args()
-    sizes = QUICK if ns.quick else FULL
+    sizes = (QUICK_PPO if ns.algo == "ppo" else QUICK) if ns.quick else FULL
     if ns.iterations:
         sizes = replace(sizes, iterations=ns.iterations)
     r = build(ns.out, sizes, ns.algo, ns.threads)

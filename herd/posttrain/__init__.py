@@ -20,6 +20,10 @@
 - pairs.py    batches of preference examples (concat / shared-prompt rows), per-response log-probs
 - losses.py   Bradley-Terry, DPO (sigmoid / ipo, label smoothing, length norm, Llama 3 mask), NLL term
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
+- prompts.py  prompt records -> chat messages + ids, train / held-out split (PPO / GRPO rollouts)
+- rollout.py  replies sampled by the inference Engine on the training model, rewards, RolloutBatch,
+              PolicyWithValue (policy + PPO's value head), adapters_off (a LoRA run's reference)
+- ppo_config.py PPOConfig;  ppo.py  the GRPO / PPO loop (`herd ppo`);  ppo_cli.py its command
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
 - cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
@@ -103,6 +107,13 @@ _EXPORTS = {
     "load_reward_model": "herd.posttrain.reward",
     "load_reward_scorer": "herd.posttrain.reward",
     "average_checkpoints": "herd.posttrain.average",
+    "PPOConfig": "herd.posttrain.ppo_config",
+    "ppo": "herd.posttrain.ppo",
+    "build_prompts": "herd.posttrain.prompts",
+    "PolicyWithValue": "herd.posttrain.rollout",
+    "RolloutBatch": "herd.posttrain.rollout",
+    "sample_replies": "herd.posttrain.rollout",
+    "adapters_off": "herd.posttrain.rollout",
 }
 
 __all__ = list(_EXPORTS)

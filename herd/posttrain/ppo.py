@@ -166,7 +166,7 @@ def ppo(cfg: PPOConfig) -> dict[str, Any]:
 
     log = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=start_step)
     atomic_write(out / "data_report.json", json.dumps(prompts.report.to_dict(), indent=1) + "\n")
-    log.print(prompts.report.format().replace(" 0 learned", "").replace(", truncated 0", ""))
+    log.print(prompts.report.format())
     if resume_from is not None:
         log.print(f"resuming {resume_from} at iteration {start_step} of {total}")
     what = f"LoRA rank {cfg.lora_rank}" if cfg.lora else "full fine-tuning"

@@ -40,6 +40,13 @@ class PromptReport(DataReport):
     kind: ClassVar[str] = "prompt"
     formats: ClassVar[str] = "{'prompt': 'text' or [messages]} or {'messages': [...]} records"
 
+    def format(self) -> str:
+        lines = super().format().splitlines()
+        lines[0] = (f"read {self.records:,} prompt records from {self.files} file(s): kept {self.kept:,} "
+                    f"({self.train:,} train, {self.val:,} held out), dropped {self.dropped_records:,}; "
+                    f"{self.tokens:,} prompt tokens")
+        return "\n".join(lines)
+
 
 @dataclass
 class Prompt:
