@@ -108,7 +108,6 @@ _EXPORTS = {
     "load_reward_scorer": "herd.posttrain.reward",
     "average_checkpoints": "herd.posttrain.average",
     "PPOConfig": "herd.posttrain.ppo_config",
-    "ppo": "herd.posttrain.ppo",
     "build_prompts": "herd.posttrain.prompts",
     "PolicyWithValue": "herd.posttrain.rollout",
     "RolloutBatch": "herd.posttrain.rollout",
