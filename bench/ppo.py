@@ -6,8 +6,8 @@
 Both sides: the same Hugging Face checkpoint (random init, official Llama 3 tokenizer), the same
 arithmetic prompts rendered in the Llama 3 chat format (TRL gets the rendered text), temperature 1,
 top-p 1, exactly `--tokens` new tokens per reply (a random model never stops early; both are told
-to ignore nothing and sample to the limit), KL coefficient 0.05 (k3 in the loss, both), one update
-per iteration, full fine-tuning, fp32 on the CPU, the same thread count. A reply's reward is its
+to sample to the limit), KL coefficient 0.05 (k3 in the loss, both), one update
+per iteration, full fine-tuning, no activation checkpointing, fp32 on the CPU, the same thread count. A reply's reward is its
 number of digits (a cheap function: the bench measures the RL machinery, not the reward).
 
 herd samples with its continuous-batching Engine on the training model and computes log-probs
@@ -96,7 +96,8 @@ def run_trl(ckpt: Path, texts: list[str], out: Path, ns) -> list[float]:
                      max_completion_length=ns.tokens, learning_rate=1e-5, beta=0.05, max_steps=ns.iterations,
                      temperature=1.0, top_p=1.0, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
                      logging_steps=1000, lr_scheduler_type="constant", warmup_steps=0, seed=0, shuffle_dataset=False,
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True,
+                     gradient_checkpointing=False)  # TRL turns it on by default; herd does not recompute
     # each prompt appears num_generations times in a batch of TRL's sampler: give it prompts, it repeats them
     data = Dataset.from_dict({"prompt": texts * (ns.iterations + 2)})
     trainer = GRPOTrainer(model=model, reward_funcs=digits, args=cfg, train_dataset=data, processing_class=tok,
