@@ -18,6 +18,10 @@ from typing import Any
 from herd.flags import add_dataclass_args, dataclass_from_args, set_flags
 
 
+UNUSED = ("compile", "activation_checkpointing", "eval_batches", "sample_prompts", "sample_tokens", "peak_tflops")
+"""FinetuneConfig fields the RL loop has no use for (no validation loss, no compiled blocks, no MFU): not flags."""
+
+
 def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     from herd.posttrain.lora import LoRAConfig
     from herd.posttrain.ppo_config import PPOConfig, ppo_config_fields
@@ -26,7 +30,7 @@ def add_ppo_args(parser: argparse.ArgumentParser) -> None:
     lora = tuple(f.name for f in dataclasses.fields(LoRAConfig))
     add_dataclass_args(parser, PPOConfig, skip=tuple(f.name for f in dataclasses.fields(PPOConfig) if f.name not in rl),
                        group="prompts, reward and RL")
-    add_dataclass_args(parser, PPOConfig, skip=rl + lora, group="model, training and output")
+    add_dataclass_args(parser, PPOConfig, skip=rl + lora + UNUSED, group="model, training and output")
     add_dataclass_args(parser, LoRAConfig, group="LoRA (on with --lora-rank > 0)")
 
 
