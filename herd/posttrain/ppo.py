@@ -308,7 +308,7 @@ def advantages(cfg: PPOConfig, policy: PolicyWithValue, reference: PolicyWithVal
     else:
         batch.advantages = grpo_advantages(batch.scores, cfg.group_size, cfg.scale_rewards)
         groups = batch.scores.view(-1, cfg.group_size)
-        stats["solved_groups"] = float((groups.std(1) == 0).float().mean())  # no signal from these prompts
+        stats["frac_reward_zero_std"] = float((groups.std(1) == 0).float().mean())  # groups that teach nothing (TRL's name)
     return stats
 
 
