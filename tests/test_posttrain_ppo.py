@@ -322,3 +322,43 @@ def test_adapters_off_gives_the_base_exactly(base):
         with adapters_off(model):
             assert torch.equal(model(tokens), plain(tokens))
         assert not torch.equal(model(tokens), plain(tokens))  # switched back on
+
+
+
+@pytest.mark.parametrize("algo,aggregation", [("grpo", "sequence"), ("ppo", "token"), ("ppo", "sequence")])
+def test_micro_batches_give_the_one_forward_update(algo, aggregation, base):
+    """Gradient accumulation over micro-batches of uneven reply lengths: each micro-batch's losses are weighted
+    by its share of the minibatch's tokens (token means, the value loss) or sequences (sequence means), so two
+    epochs of updates one sample at a time equal those of one forward over all of them."""
+    import contextlib
+
+    from herd.checkpoint import load_checkpoint
+    from herd.posttrain.ppo import advantages, optimize
+    from herd.posttrain.rollout import PolicyWithValue, RolloutBatch, Sample, batch_logprobs
+    from herd.train.optim import build_optimizer, set_lr
+    from herd.train.step import SpikeGuard
+
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(prompt=i, prompt_ids=torch.randint(0, 5000, (3 + i,), generator=g).tolist(),
+                      reply_ids=torch.randint(0, 5000, (n,), generator=g).tolist(), text="", stopped=False,
+                      reward=float(n % 3)) for i, n in enumerate([1, 7, 3, 5])]
+    runs = []
+    for micro in (0, 1):
+        cfg = PPOConfig(init_from=str(base), prompts=["p"], reward_fn="m:f", algo=algo, group_size=2, batch_size=2,
+                        micro_batch_size=micro, loss_aggregation=aggregation, kl_coef=0.1, ppo_epochs=2)
+        policy = PolicyWithValue(load_checkpoint(base), value_head=algo == "ppo", seed=0).train()
+        reference = PolicyWithValue(load_checkpoint(base).requires_grad_(False), value_head=False).eval()
+        with torch.no_grad():  # a policy that differs from the reference: the KL terms are not zero
+            policy.policy.norm.weight.mul_(1.5)
+        batch = RolloutBatch.build(samples, pad_id=0)
+        stats = advantages(cfg, policy, reference, batch, lambda m, b: batch_logprobs(m, b, 4))
+        optimizer = build_optimizer(policy, cfg)
+        set_lr(optimizer, 1e-2)
+        metrics = optimize(cfg, policy, optimizer, batch, SpikeGuard(), 0, contextlib.nullcontext(), torch.device("cpu"))
+        runs.append((stats, metrics, [p.detach().clone() for p in policy.parameters()]))
+    (s0, m0, p0), (s1, m1, p1) = runs
+    assert s0["kl"] != 0.0 and m0["updates"] == 2
+    for k in ("loss", "pg_loss", "grad_norm", "first_loss") + (("vf_loss",) if algo == "ppo" else ("kl_loss",)):
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-7), k
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)  # Adam divides near-zero gradients by their size
