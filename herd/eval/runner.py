@@ -170,11 +170,8 @@ def run_multiple_choice(task: Task, items: list[MCItem], model, tokenizer, cfg: 
 
 def run_loglikelihood(task: Task, items: list[LLItem], model, tokenizer, cfg: EvalConfig, max_len: int,
                       scorer: ScorerConfig) -> tuple[dict[str, list[float]], list[dict], Counter]:
-    from herd.tokenizer.chat import ChatFormat
-
     skipped: Counter = Counter()
     todo = []
-    chat = None
     for item in items:
         if item.skip:
             skipped[item.skip] += 1
