@@ -21,7 +21,7 @@ from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
 from herd.model import ModelArgs, Transformer
 from herd.posttrain.arithmetic import prompt_records
-from herd.posttrain.rejection import RejectionConfig, rejection_sample, sample_seed
+from herd.posttrain.rejection import RejectionConfig, rejection_sample
 from helpers import tiny_chat_checkpoint, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

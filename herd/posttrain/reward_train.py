@@ -37,7 +37,7 @@ from torch import Tensor
 from herd.errors import HerdError
 from herd.fileio import atomic_write
 from herd.model import ModelArgs
-from herd.parallel import all_reduce_mean, barrier, build_mesh, init_distributed, is_main
+from herd.parallel import barrier, build_mesh, init_distributed, is_main
 from herd.posttrain import resume
 from herd.posttrain.config import FinetuneConfig
 from herd.posttrain.dataset import load_tokenizer_for
@@ -64,7 +64,7 @@ class RewardTrainConfig(FinetuneConfig, PreferenceDataConfig):
     layout: str = "shared"
     """Rows of a batch: shared (the prompt once, then every response; Llama 3 §4.1.2) or concat (a row per response)."""
     eval_examples: int = 0
-    """Held-out examples per evaluation; 0 = all of them."""
+    """Held-out examples per evaluation (rounded up to whole micro-batches); 0 = all of them."""
 
     def data_config(self) -> PreferenceDataConfig:
         return PreferenceDataConfig(**{f.name: getattr(self, f.name) for f in fields(PreferenceDataConfig)})
@@ -204,21 +204,19 @@ def train_reward(cfg: RewardTrainConfig) -> dict[str, Any]:
         return bradley_terry_loss(chosen, rejected).sum(), pair_metrics(chosen, rejected)
 
     def evaluate(step: int) -> dict[str, Any]:
-        """Held-out accuracy, mean margin and loss over every pair of the validation split (this rank's share)."""
+        """Held-out accuracy, mean margin and loss over every pair of the validation split. Every rank runs
+        every batch (under FSDP each forward is a collective, so all ranks must run the same ones)."""
         if not val:
             return {}
         model.eval()
         sums = torch.zeros(4)
         with torch.no_grad():
-            for i, b in enumerate(val):
-                if i % dp_size != dp_rank:
-                    continue
+            for b in val:
                 loss, m = loss_of(b)
                 sums += torch.tensor([float(loss), float(m["accuracy"]), float(m["margin"]), float(b.n_pairs)])
         model.train()
-        loss, acc, margin, n = all_reduce_mean(sums).tolist()  # all scaled alike: the ratios are global
-        result = {"val_loss": loss / max(n, 1e-9), "val_accuracy": acc / max(n, 1e-9),
-                  "val_margin": margin / max(n, 1e-9), "val_pairs": int(round(n * dp_size))}
+        loss, acc, margin, n = sums.tolist()
+        result = {"val_loss": loss / n, "val_accuracy": acc / n, "val_margin": margin / n, "val_pairs": int(n)}
         log.log("val", step, loss=result["val_loss"], accuracy=result["val_accuracy"], margin=result["val_margin"])
         log.print(f"step {step:>6}/{total} | val loss {result['val_loss']:.4f} | accuracy {result['val_accuracy']:.3f} "
                   f"| margin {result['val_margin']:+.4f} ({result['val_pairs']:,} held-out pairs)")
