@@ -56,7 +56,7 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="herd",
         description="herd: the Llama 3 system end to end. Run `herd COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {n:<11} {h}" for n, (_, h) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()),
     )
     parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
