@@ -77,6 +77,23 @@ def test_shared_prefill_equals_separate_requests_with_one_prefill(small, k, max_
     assert shared.blocks.leaked() == 0
 
 
+def test_fork_groups_under_memory_pressure_still_give_the_same_samples(small):
+    # a KV pool too small for every sample at once: forks that find no block for their copy queue as
+    # requests of their own, running ones get preempted and recomputed; the samples must not change
+    prompts = [list(range(1, 38)), list(range(50, 71))]
+    k, n = 6, 20
+    want = {}
+    for i, p in enumerate(prompts):
+        for j, r in enumerate(Engine(small, max_batch_size=8).generate([p] * k, [_params(j, n) for j in range(k)])):
+            want[i, j] = r.tokens
+    engine = Engine(small, max_batch_size=8, block_size=16, cache_tokens=7 * 16, max_seq_len=64)
+    groups = {}
+    for i, p in enumerate(prompts):
+        groups.update({rid: (i, j) for j, rid in enumerate(engine.add_forked_request(p, [_params(j, n) for j in range(k)]))})
+    assert _run(engine, groups) == want
+    assert engine.stats()["preemptions"] > 0 and engine.blocks.leaked() == 0
+
+
 def test_aborting_fork_groups_frees_everything(small):
     engine = Engine(small, max_batch_size=8, block_size=16, prefill_chunk=16)
     ids = engine.add_forked_request(list(range(1, 40)), [_params(j) for j in range(4)])

@@ -104,8 +104,10 @@ class Scheduler:
                 # Never the block holding the last token: its logits must be computed.
                 hits = self.blocks.match_prefix(seq.tokens, (len(seq.tokens) - 1) // bs)
             need = self.blocks_for(len(seq.tokens)) - len(hits)
-            if seq.forks:  # a fork group: a row for each fork, and a block for each copy of a partial last block
-                if self.running and len(self.running) + 1 + len(seq.forks) > self.max_batch_size:
+            if seq.forks and self.running:
+                # a fork group waits for a row per fork and a block per copy of its partial last block; with
+                # nothing running it starts on its own blocks (forks that then find none queue by themselves)
+                if len(self.running) + 1 + len(seq.forks) > self.max_batch_size:
                     break
                 need += len(seq.forks) if len(seq.prompt) % bs else 0
             reclaimed = sum(1 for b in hits if self.blocks.ref[b] == 0)  # cached blocks now free
