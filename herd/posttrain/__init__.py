@@ -21,8 +21,12 @@
 - losses.py   Bradley-Terry, DPO (sigmoid / ipo, label smoothing, length norm, Llama 3 mask), NLL term
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
+- reward_train.py  RewardTrainConfig, train_reward: the reward-model loop (`herd reward`)
+- rejection.py     RejectionConfig, rejection_sample: best of K replies per prompt as SFT data
+                   (`herd rejection-sample`; one shared prefill per prompt through the engine)
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
 - cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
+- reward_cli.py  `herd reward`, `herd rejection-sample`
 
 Names are imported lazily, so `import herd.posttrain` stays cheap.
 """
@@ -103,6 +107,10 @@ _EXPORTS = {
     "load_reward_model": "herd.posttrain.reward",
     "load_reward_scorer": "herd.posttrain.reward",
     "average_checkpoints": "herd.posttrain.average",
+    "RewardTrainConfig": "herd.posttrain.reward_train",
+    "train_reward": "herd.posttrain.reward_train",
+    "RejectionConfig": "herd.posttrain.rejection",
+    "rejection_sample": "herd.posttrain.rejection",
 }
 
 __all__ = list(_EXPORTS)
