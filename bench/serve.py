@@ -12,9 +12,10 @@ one-at-a-time rate, and the median / 90th-percentile time to first token. The se
 process on a background thread (uvicorn); the torch forward releases the GIL, so client threads do
 not slow the engine down much, but on 2 cores they do share the CPU with it.
 
-Where the `xllamacpp` package (a prebuilt llama.cpp server) is installed and herd can write GGUF
-(herd.export), the same load against llama.cpp's server on the same model gives the anchor ratio;
-otherwise that row is skipped with the reason.
+Where the `xllamacpp` package (a prebuilt llama.cpp server, in the test extra) is installed, the same
+load runs against llama.cpp's server in process (continuous batching, one slot per client of the
+largest level, prompt cache off) on the same weights written as GGUF F32 by herd's writer, and the
+herd / llama.cpp ratio is printed per level: the CPU anchor. `--no-llamacpp` skips it.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp anchor")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,21 +131,100 @@ def main(argv: list[str] | None = None) -> int:
         base = run_load(srv.url, prompts(args.sequential_requests), args.max_tokens, 1)
         print(f"one at a time : {base['tok_s']:8.1f} tok/s   TTFT p50 {base['ttft_p50'] * 1e3:7.0f} ms", flush=True)
         print(f"{'clients':>8} {'requests':>8} {'tok/s':>9} {'x seq':>7} {'TTFT p50':>10} {'TTFT p90':>10}")
+        herd_rows = {}
         for c in levels:
             n = args.requests or max(16, 2 * c)
-            r = run_load(srv.url, prompts(n), args.max_tokens, c)
+            r = herd_rows[c] = run_load(srv.url, prompts(n), args.max_tokens, c)
             print(f"{c:>8} {n:>8} {r['tok_s']:9.1f} {r['tok_s'] / base['tok_s']:6.2f}x "
                   f"{r['ttft_p50'] * 1e3:8.0f}ms {r['ttft_p90'] * 1e3:8.0f}ms", flush=True)
         stats = app.state.service.engine.stats()
         print(f"preemptions {stats['preemptions']}, KV blocks {stats['kv_blocks_total']}", flush=True)
+    if args.no_llamacpp:
+        return 0
     try:
         import xllamacpp  # noqa: F401
-        from herd.export import gguf  # noqa: F401  (lands with the export issue)
     except ImportError as e:
-        print(f"llama.cpp anchor skipped: {e}")
-    else:
-        print("llama.cpp anchor: not wired yet (needs herd.export's GGUF writer on this branch)")
+        print(f"llama.cpp anchor skipped: {e} (pip install xllamacpp)")
+        return 0
+    llama_levels(model, args, levels, base["tok_s"], herd_rows, prompts)
     return 0
+
+
+def llama_levels(model: Transformer, args: argparse.Namespace, levels: list[int], herd_seq: float,
+                 herd_rows: dict[int, dict[str, float]], prompts) -> None:
+    """The same load against llama.cpp's server (xllamacpp, in process) on the same weights as GGUF F32."""
+    import tempfile
+    from pathlib import Path
+
+    import xllamacpp
+
+    from decode import _tiny_tokenizer  # bench/decode.py: a vocabulary for a GGUF of random weights
+    from herd.checkpoint.gguf import write_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = folder / "model-f32.gguf"
+        write_gguf(model, Tokenizer.from_file(_tiny_tokenizer(folder, model.args.vocab_size)), path, qtype="f32",
+                   progress=False)
+        slots = max(levels)
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_parallel = slots
+        params.n_ctx = slots * (args.prompt_len + args.max_tokens + 8)
+        params.n_batch = params.n_ubatch = 512
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = torch.get_num_threads()
+        params.cache_prompt = False
+        params.warmup = True
+        server = xllamacpp.Server(params)
+
+        def one(prompt: list[int]) -> tuple[int, float]:
+            t0 = time.perf_counter()
+            first: list[float] = []
+            count = [0]
+
+            def on_chunk(chunk: dict) -> None:  # OpenAI-shaped chunks; the last one carries usage
+                if chunk.get("usage"):
+                    count[0] = chunk["usage"]["completion_tokens"]
+                elif not first and chunk.get("choices"):
+                    first.append(time.perf_counter() - t0)
+
+            server.handle_completions({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0,
+                                       "ignore_eos": True, "stream": True}, on_chunk)
+            return count[0], first[0] if first else float("nan")
+
+        def load(ps: list[list[int]], clients: int) -> dict[str, float]:
+            lock = threading.Lock()
+            todo, results = list(ps), []
+
+            def worker() -> None:
+                while True:
+                    with lock:
+                        if not todo:
+                            return
+                        prompt = todo.pop()
+                    r = one(prompt)
+                    with lock:
+                        results.append(r)
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                for f in [pool.submit(worker) for _ in range(clients)]:
+                    f.result()
+            wall = time.perf_counter() - t0
+            ttfts = sorted(r[1] for r in results)
+            return {"tok_s": sum(r[0] for r in results) / wall, "ttft_p50": statistics.median(ttfts)}
+
+        load(prompts(2), 2)
+        seq = load(prompts(args.sequential_requests), 1)
+        print(f"llama.cpp F32 (xllamacpp, {slots} slots, continuous batching, same weights, same prompts' shape)")
+        print(f"one at a time : {seq['tok_s']:8.1f} tok/s   TTFT p50 {seq['ttft_p50'] * 1e3:7.0f} ms   "
+              f"(herd / llama.cpp {herd_seq / seq['tok_s']:.2f}x)", flush=True)
+        print(f"{'clients':>8} {'tok/s':>9} {'x seq':>7} {'TTFT p50':>10} {'herd/llama.cpp':>15}")
+        for c in levels:
+            n = args.requests or max(16, 2 * c)
+            r = load(prompts(n), c)
+            print(f"{c:>8} {r['tok_s']:9.1f} {r['tok_s'] / seq['tok_s']:6.2f}x {r['ttft_p50'] * 1e3:8.0f}ms "
+                  f"{herd_rows[c]['tok_s'] / r['tok_s']:14.2f}x", flush=True)
 
 
 if __name__ == "__main__":

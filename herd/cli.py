@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scaling": ("herd.eval.scaling.cli:scaling", "IsoFLOP sweeps, scaling-law fits and downstream prediction, plots"),
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
     "score": ("herd.posttrain.score_cli:score", "rewards of conversations or preference pairs from a reward model"),
+    "reward": ("herd.posttrain.reward_cli:reward", "train a reward model (Bradley-Terry on preference pairs, full or LoRA)"),
+    "rejection-sample": ("herd.posttrain.reward_cli:rejection_sample",
+                         "best of K sampled replies per prompt, by a reward model or function, as new SFT data"),
     "average": ("herd.posttrain.cli:average", "average the weights of checkpoints (models, reward models or adapters)"),
     "guard": ("herd.safety.guard_cli:guard", "Llama Guard moderation: classify or evaluate conversations, make guard training data"),
     "codeshield": ("herd.safety.codeshield_cli:codeshield", "scan code for insecure patterns with Meta's Code Shield (CWE, severity)"),
@@ -54,7 +57,7 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="herd",
         description="herd: the Llama 3 system end to end. Run `herd COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {n:<11} {h}" for n, (_, h) in COMMANDS.items()),
+        epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()),
     )
     parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
     parser.add_argument("--version", action="store_true", help="print the version and exit")

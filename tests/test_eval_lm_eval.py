@@ -9,7 +9,6 @@ are lm-eval's, not a copy written here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -75,3 +75,14 @@ def test_reward_fn_loading_and_failures(tmp_path):
                      ("herd.no_such_module:f", "cannot import"), (f"{path}:missing", "has no function")]:
         with pytest.raises(HerdError, match=msg):
             load_reward_fn(bad)
+
+
+def test_recipe_sets_are_disjoint(tmp_path, capsys):
+    sets = arithmetic.recipe_sets((300, 200, 50, 40), seed=7)
+    ids = [r["id"] for name in arithmetic.RECIPE_SPLITS for r in sets[name]]
+    assert len(ids) == len(set(ids)) == 590
+    assert arithmetic.main(["recipe", str(tmp_path / "r"), "--sizes", "30,20,5,4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["pairs.jsonl", "prompts.jsonl", "sft.jsonl",
+                                                                   "test.jsonl"]
+    assert arithmetic.main(["recipe", str(tmp_path / "r"), "--sizes", "30,20"]) == 2
+    assert "four counts" in capsys.readouterr().err

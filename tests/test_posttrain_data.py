@@ -13,7 +13,7 @@ import pytest
 
 from herd.errors import HerdError
 from herd.posttrain import DataReport, SFTDataConfig, build_sft_data, load_tokenizer_for
-from herd.posttrain.render import Conversation, RecordError, render, to_conversation
+from herd.posttrain.render import RecordError, render, to_conversation
 from herd.tokenizer import ChatFormat, Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -21,7 +21,6 @@ from herd.model import ModelArgs, Transformer
 from herd.quant import (Int4Linear, Int8Linear, QuantConfig, dequantize_blocks, dequantize_int4, quantize_blocks,
                         quantize_int4, quantize_int8, quantize_model)
 from herd.quant.int4 import _from_cpu_layout, _to_cpu_layout, int4_kernel_available, pack_nibbles, unpack_nibbles
-from herd.quant.int8 import _int8_matmul
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

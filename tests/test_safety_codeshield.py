@@ -113,7 +113,7 @@ def test_java_semgrep_layer_is_reported_as_missing(scanner):
 def test_semgrep_errors_block_although_codeshield_scan_code_only_warns(scanner):
     """A semgrep rule of severity ERROR (C's none, so Java's XXE rule with the semgrep severity as codeshield
     reports it): herd normalizes "ERROR" and blocks; codeshield 1.0.1 compares "ERROR" with "error"."""
-    from codeshield.cs import CodeShield, Treatment
+    from codeshield.cs import Treatment
     from codeshield.insecure_code_detector.issues import Issue, Severity
 
     from herd.safety.codeshield import _severity, treatment_of, CodeFinding

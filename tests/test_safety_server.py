@@ -9,8 +9,6 @@ clear, and never run the model for a refused prompt.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 
 import httpx

@@ -154,8 +154,8 @@ def run_convert(ns: argparse.Namespace) -> int:
     if ns.src.resolve() == ns.dst.resolve():
         raise HerdError(f"SRC and DST are the same folder ({ns.src}); write the conversion to a new folder.")
     if ns.quantize and ns.format != "herd":
-        raise HerdError(f"--quantize stores herd's int8/int4 layers, which only the herd format holds; use "
-                        f"--format herd (or `herd export --type q8_0` for llama.cpp).")
+        raise HerdError("--quantize stores herd's int8/int4 layers, which only the herd format holds; use "
+                        "--format herd (or `herd export --type q8_0` for llama.cpp).")
     model = load_checkpoint(ns.src, dtype=ns.dtype and DTYPES[ns.dtype])
     if ns.quantize:
         from herd.quant import QuantConfig, quantize_model

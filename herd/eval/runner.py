@@ -63,6 +63,9 @@ class EvalConfig:
     """Generation budget of generation tasks that set none."""
     bos: bool = True
     """Start every request with begin_of_text."""
+    chat_style: str = "hf"
+    """Chat format of chat tasks' prompts (arithmetic): 'hf' (the Llama 3.1 HF template, with its date
+    system header) or 'meta' (plain); use the style the model was fine-tuned with."""
     samples: bool = False
     """Also write every item's prompt, scores and prediction to OUT/samples/TASK.jsonl."""
     reuse: bool = True
@@ -102,7 +105,7 @@ def prompt_hash(items: list[Any]) -> str:
         if isinstance(item, LLItem):
             return [item.context, item.continuation]
         if isinstance(item, GenItem):
-            return [item.prompt, item.until, item.max_tokens]
+            return [item.prompt, item.until, item.max_tokens, item.messages]
         return item.text if item.text is not None else item.tokens
     return _hash([rows(i) for i in items])
 
@@ -231,14 +234,21 @@ def run_generation(task: Task, items: list[GenItem], model, tokenizer, cfg: Eval
                    max_len: int) -> tuple[dict[str, list[float]], list[dict], Counter]:
     from herd.eval.generate import generate_until
     from herd.inference.engine import Engine
+    from herd.tokenizer.chat import ChatFormat
 
     skipped: Counter = Counter()
     todo = []
+    chat = None
     for item in items:
         if item.skip:
             skipped[item.skip] += 1
             continue
-        prompt = tokenizer.encode(item.prompt, bos=cfg.bos)
+        if item.messages is not None:
+            if chat is None:
+                chat = ChatFormat(tokenizer, style=cfg.chat_style)
+            prompt = chat.encode_dialog_prompt(item.messages, bos=cfg.bos)
+        else:
+            prompt = tokenizer.encode(item.prompt, bos=cfg.bos)
         budget = item.max_tokens or cfg.max_gen_tokens
         if len(prompt) + budget > max_len:
             skipped[f"prompt + {budget} generated tokens longer than the context ({max_len})"] += 1
@@ -269,7 +279,8 @@ def run_generation(task: Task, items: list[GenItem], model, tokenizer, cfg: Eval
 
 def _task_fingerprint(task: Task, phash: str, model_info: dict, cfg: EvalConfig, max_len: int) -> str:
     return _hash({"model": model_info.get("fingerprint", ""), "dtype": model_info.get("dtype", ""), "task": task.name,
-                  "prompts": phash, "bos": cfg.bos, "max_len": max_len, "max_gen_tokens": cfg.max_gen_tokens})
+                  "prompts": phash, "bos": cfg.bos, "max_len": max_len, "max_gen_tokens": cfg.max_gen_tokens,
+                  "chat_style": cfg.chat_style})
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, model_info: dict[str, Any] | None = None,

@@ -205,11 +205,40 @@ class Engine:
         self.scheduler.add(seq)
         return rid
 
+    def add_forked_request(self, prompt: Seq[int], params: Seq[SamplingParams]) -> list[int]:
+        """Queue len(params) requests on one prompt whose prefill is computed once (best-of-K sampling);
+        returns their ids. Each request samples with its own params (seed) exactly as a request of its
+        own would; the first is the one whose prefill the others start from (aborting it before its
+        prompt is computed aborts the whole group)."""
+        prompt = [int(t) for t in prompt]
+        plist = list(params)
+        if not plist:
+            raise HerdError("add_forked_request needs at least one SamplingParams.")
+        for p in plist:
+            self.check_request(prompt, p)
+            if p.prompt_logprobs:
+                raise HerdError("prompt_logprobs cannot be asked of forked requests; add them as separate requests.")
+        seqs = []
+        for p in plist:
+            seqs.append(Sequence(self._next_id, prompt, p, generator=p.make_generator(self.device)))
+            self._seqs[self._next_id] = seqs[-1]
+            self._next_id += 1
+        parent = seqs[0]
+        parent.forks = seqs[1:]
+        for child in parent.forks:
+            child.parent = parent
+        self.scheduler.add(parent)
+        return [s.id for s in seqs]
+
     def abort(self, request_id: int) -> bool:
         """Drop a request now (a client went away) and give its KV blocks back. False if it had already ended."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        for child in seq.forks:  # a fork group whose prompt was never computed goes as a whole
+            self._seqs.pop(child.id, None)
+            child.parent = None
+        seq.forks = []
         self.scheduler.finish(seq)
         return True
 
@@ -222,7 +251,8 @@ class Engine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": b.usable, "kv_blocks_used": b.usable - b.num_free(),
                 "kv_cache_usage": b.used_fraction(), "prefix_cache_queries": b.queries,
-                "prefix_cache_hits": b.hits, "preemptions": self.scheduler.preemptions}
+                "prefix_cache_hits": b.hits, "preemptions": self.scheduler.preemptions,
+                "prompt_tokens_computed": self.scheduler.prompt_tokens_computed}
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -233,19 +263,28 @@ class Engine:
         with torch.inference_mode():
             if decode:
                 logits = self._forward([(s, 1) for s in decode], decode_only=True)
-                for s in decode:
+                for s, row in zip(decode, logits):
                     self.scheduler.computed(s, 1)
-                produced += list(zip(decode, logits))
+                    produced += self._with_forks(s, row)
             if prefill:
                 logits = self._forward(prefill, decode_only=False)
                 for (s, n), row in zip(prefill, logits):
                     self.scheduler.computed(s, n)
                     if s.pending == 0:  # its whole prompt is in: the last logits give the next token
-                        produced.append((s, row))
+                        produced += self._with_forks(s, row)
             if not produced:
                 return []
             produced.sort(key=lambda x: x[0].id)
             return self._sample([s for s, _ in produced], torch.stack([r for _, r in produced]))
+
+    def _with_forks(self, seq: Sequence, row: Tensor) -> list[tuple[Sequence, Tensor]]:
+        """`seq` with its logits row, plus its forks (if it just computed their shared prompt) on the same row."""
+        if not seq.forks:
+            return [(seq, row)]
+        children, copies = self.scheduler.fork(seq)
+        for src, dst in copies:
+            self.pool.copy_block(src, dst)
+        return [(seq, row)] + [(c, row) for c in children]
 
     def _forward(self, rows: list[tuple[Sequence, int]], decode_only: bool) -> Tensor:
         """Feed rows' next n tokens (left-padded to the longest); returns each row's last logits [B, V]."""

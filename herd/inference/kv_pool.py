@@ -148,6 +148,13 @@ class KVPool:
             ws = self._workspace[which] = torch.empty(max(numel, 2 * ws.numel()), device=ws.device, dtype=ws.dtype)
         return ws[:numel]
 
+    @torch.no_grad()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values in every layer (a fork's own copy of a shared partial block)."""
+        for t in self.k + self.v:
+            blocks = t.view(self.num_blocks, self.block_size, *t.shape[1:])
+            blocks[dst].copy_(blocks[src])
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

@@ -10,6 +10,11 @@ the prefix cache, so only the rest is computed. Every step then:
   of `prefill_chunk` tokens per step (chunked prefill, as in Sarathi-Serve and vLLM), so a long
   prompt is spread over several steps and never stalls everyone else's decoding for long.
 
+A fork group (Engine.add_forked_request: K samples of one prompt) is admitted as one request that
+reserves a row for each fork; when its prompt is computed, its forks start from that one prefill:
+they share the prompt's full blocks (reference counts), each gets a copy of the partial last block,
+and all sample their first token from the same last-position logits (their own seeds).
+
 A request that finishes (or is aborted: a client that went away) gives its blocks back at once.
 When a decoding request needs a new block and none is free, the most recently admitted request is
 preempted: its blocks are released (their published prefix stays cached) and it goes back to the
@@ -47,6 +52,8 @@ class Sequence:
     prompt_logprobs_partial: list[Any] = field(default_factory=list)  # ... chunk by chunk until complete
     admitted: bool = False  # admitted at least once (prefix-cache statistics count only the first time)
     preemptions: int = 0
+    forks: list["Sequence"] = field(default_factory=list)  # requests waiting to start from this one's prefill
+    parent: "Sequence | None" = None  # the request whose prefill this fork waits for
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -75,6 +82,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (prefill work; not cache hits)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -96,6 +104,12 @@ class Scheduler:
                 # Never the block holding the last token: its logits must be computed.
                 hits = self.blocks.match_prefix(seq.tokens, (len(seq.tokens) - 1) // bs)
             need = self.blocks_for(len(seq.tokens)) - len(hits)
+            if seq.forks and self.running:
+                # a fork group waits for a row per fork and a block per copy of its partial last block; with
+                # nothing running it starts on its own blocks (forks that then find none queue by themselves)
+                if len(self.running) + 1 + len(seq.forks) > self.max_batch_size:
+                    break
+                need += len(seq.forks) if len(seq.prompt) % bs else 0
             reclaimed = sum(1 for b in hits if self.blocks.ref[b] == 0)  # cached blocks now free
             if need + reclaimed > self.blocks.num_free():
                 break  # first come, first served: wait for room rather than let a later one jump ahead
@@ -162,14 +176,49 @@ class Scheduler:
 
     def computed(self, seq: Sequence, n: int) -> None:
         """`n` more tokens of `seq` are in the cache: publish every block that became full."""
+        self.prompt_tokens_computed += max(0, min(n, len(seq.prompt) - seq.num_computed))
         seq.num_computed += n
         bs = self.blocks.block_size
         for j in range(len(seq.hashes), seq.num_computed // bs):
             prev = seq.hashes[-1] if seq.hashes else None
             seq.hashes.append(self.blocks.publish(seq.blocks[j], prev, seq.tokens[j * bs:(j + 1) * bs]))
 
+    def fork(self, parent: Sequence) -> tuple[list[Sequence], list[tuple[int, int]]]:
+        """Start `parent`'s forks on its just-computed prompt; returns (the forks now running, (source,
+        destination) blocks whose keys/values the engine must copy: the partial last block).
+
+        A fork that finds no free block for its copy queues as a request of its own instead (the prefix
+        cache still serves the prompt's full blocks); it samples the same tokens, only not for free.
+        """
+        bs, n = self.blocks.block_size, len(parent.prompt)
+        full, partial = n // bs, n % bs != 0
+        started: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
+        for child in parent.forks:
+            child.parent = None
+            if partial and self.blocks.num_free() < 1:
+                self.waiting.appendleft(child)
+                continue
+            self.blocks.acquire(parent.blocks[:full])
+            child.blocks = parent.blocks[:full]
+            if partial:
+                child.blocks = child.blocks + self.blocks.allocate(1)
+                copies.append((parent.blocks[full], child.blocks[-1]))
+            child.hashes = list(parent.hashes[:full])
+            child.num_computed = child.num_cached = n
+            child.admitted = True
+            self.blocks.queries += n
+            self.blocks.hits += n
+            self.running.append(child)
+            started.append(child)
+        parent.forks = []
+        return started, copies
+
     def finish(self, seq: Sequence) -> None:
         """Remove a request (finished or aborted) and give its blocks back."""
+        if seq.parent is not None and seq in seq.parent.forks:  # a fork that never started
+            seq.parent.forks.remove(seq)
+            seq.parent = None
         if seq in self.running:
             self.running.remove(seq)
             self.blocks.release(seq.blocks)

@@ -25,8 +25,12 @@
               PolicyWithValue (policy + PPO's value head), adapters_off (a LoRA run's reference)
 - ppo_config.py PPOConfig;  ppo.py  the GRPO / PPO loop (`herd ppo`);  ppo_cli.py its command
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
+- reward_train.py  RewardTrainConfig, train_reward: the reward-model loop (`herd reward`)
+- rejection.py     RejectionConfig, rejection_sample: best of K replies per prompt as SFT data
+                   (`herd rejection-sample`; one shared prefill per prompt through the engine)
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
 - cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
+- reward_cli.py  `herd reward`, `herd rejection-sample`
 
 Names are imported lazily, so `import herd.posttrain` stays cheap.
 """
@@ -113,6 +117,10 @@ _EXPORTS = {
     "RolloutBatch": "herd.posttrain.rollout",
     "sample_replies": "herd.posttrain.rollout",
     "adapters_off": "herd.posttrain.rollout",
+    "RewardTrainConfig": "herd.posttrain.reward_train",
+    "train_reward": "herd.posttrain.reward_train",
+    "RejectionConfig": "herd.posttrain.rejection",
+    "rejection_sample": "herd.posttrain.rejection",
 }
 
 __all__ = list(_EXPORTS)

@@ -18,6 +18,10 @@ hash split holds out whole questions; the same question never appears twice in o
     python -m herd.posttrain.arithmetic sft    data/arith_sft.jsonl   --n 2000
     python -m herd.posttrain.arithmetic pairs  data/arith_pairs.jsonl --n 2000 --seed 1
     python -m herd.posttrain.arithmetic prompts data/arith_prompts.jsonl --n 200 --seed 2
+    python -m herd.posttrain.arithmetic recipe data/arith      # all four sets of one round, disjoint
+
+Sets written with different seeds may share questions; `recipe` draws one set of distinct questions
+and splits it, so its held-out test prompts are never trained on.
 """
 
 from __future__ import annotations
@@ -85,27 +89,54 @@ def _user(a: int, op: str, b: int) -> dict[str, str]:
     return {"role": "user", "content": question_text(a, op, b)}
 
 
+def _sft(a: int, op: str, b: int) -> dict[str, Any]:
+    return {"id": f"{a}{op}{b}", "messages": [_user(a, op, b), {"role": "assistant",
+                                                                "content": reply_text(a, op, b, solve(a, op, b))}]}
+
+
+def _pair(a: int, op: str, b: int, rng: random.Random) -> dict[str, Any]:
+    return {"id": f"{a}{op}{b}", "prompt": [_user(a, op, b)],
+            "chosen": [{"role": "assistant", "content": reply_text(a, op, b, solve(a, op, b))}],
+            "rejected": [{"role": "assistant", "content": reply_text(a, op, b, wrong_result(a, op, b, rng))}]}
+
+
+def _prompt(a: int, op: str, b: int) -> dict[str, Any]:
+    return {"id": f"{a}{op}{b}", "messages": [_user(a, op, b)]}
+
+
+def _wrong_rng(seed: int) -> random.Random:
+    return random.Random(seed + 1_000_003)
+
+
 def sft_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
     """n conversational records whose reply states the right result."""
-    return [{"id": f"{a}{op}{b}", "messages": [_user(a, op, b),
-                                               {"role": "assistant", "content": reply_text(a, op, b, solve(a, op, b))}]}
-            for a, op, b in questions(n, seed, max_operand)]
+    return [_sft(*q) for q in questions(n, seed, max_operand)]
 
 
 def preference_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
     """n preference records (TRL's conversational explicit-prompt form): right result chosen, a wrong one rejected."""
-    rng = random.Random(seed + 1_000_003)
-    out = []
-    for a, op, b in questions(n, seed, max_operand):
-        out.append({"id": f"{a}{op}{b}", "prompt": [_user(a, op, b)],
-                    "chosen": [{"role": "assistant", "content": reply_text(a, op, b, solve(a, op, b))}],
-                    "rejected": [{"role": "assistant", "content": reply_text(a, op, b, wrong_result(a, op, b, rng))}]})
-    return out
+    rng = _wrong_rng(seed)
+    return [_pair(*q, rng) for q in questions(n, seed, max_operand)]
 
 
 def prompt_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
     """n prompt-only records ({"id", "messages": [user turn]})."""
-    return [{"id": f"{a}{op}{b}", "messages": [_user(a, op, b)]} for a, op, b in questions(n, seed, max_operand)]
+    return [_prompt(*q) for q in questions(n, seed, max_operand)]
+
+
+RECIPE_SPLITS = ("sft", "pairs", "prompts", "test")
+
+
+def recipe_sets(sizes: tuple[int, ...] = (2000, 2000, 300, 200), seed: int = 0,
+                max_operand: int = 99) -> dict[str, list[dict[str, Any]]]:
+    """The four sets of one post-training round, on disjoint questions: SFT records, preference pairs,
+    prompts (rejection sampling / PPO) and held-out test prompts (`herd eval --tasks arithmetic:test.jsonl`)."""
+    qs = questions(sum(sizes), seed, max_operand)
+    rng = _wrong_rng(seed)
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    parts = {name: qs[end - size:end] for name, size, end in zip(RECIPE_SPLITS, sizes, ends)}
+    return {"sft": [_sft(*q) for q in parts["sft"]], "pairs": [_pair(*q, rng) for q in parts["pairs"]],
+            "prompts": [_prompt(*q) for q in parts["prompts"]], "test": [_prompt(*q) for q in parts["test"]]}
 
 
 def parse_question(text: str) -> tuple[int, str, int] | None:
@@ -160,15 +191,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m herd.posttrain.arithmetic",
         description="Write a verifiable arithmetic chat set ('What is 23 + 58?' -> '23 + 58 = 81.') as jsonl: "
-                    "SFT records, preference pairs (right vs wrong result) or prompts.")
-    parser.add_argument("kind", choices=sorted(KINDS), help="sft: right replies; pairs: chosen right, rejected "
-                        "wrong; prompts: user turns only")
-    parser.add_argument("out", help="output .jsonl file")
+                    "SFT records, preference pairs (right vs wrong result), prompts, or all four sets of one "
+                    "post-training round on disjoint questions (recipe: OUT is a folder).")
+    parser.add_argument("kind", choices=sorted(KINDS) + ["recipe"], help="sft: right replies; pairs: chosen right, "
+                        "rejected wrong; prompts: user turns only; recipe: OUT/{sft,pairs,prompts,test}.jsonl")
+    parser.add_argument("out", help="output .jsonl file (a folder for recipe)")
     parser.add_argument("--n", type=int, default=1000, help="number of distinct questions (default 1000)")
+    parser.add_argument("--sizes", default="2000,2000,300,200",
+                        help="recipe: questions in sft,pairs,prompts,test (default 2000,2000,300,200)")
     parser.add_argument("--seed", type=int, default=0, help="seed; different seeds give mostly different questions")
     parser.add_argument("--max-operand", type=int, default=99, help="largest operand (default 99)")
     args = parser.parse_args(argv)
     try:
+        if args.kind == "recipe":
+            try:
+                sizes = tuple(int(x) for x in args.sizes.split(","))
+            except ValueError:
+                sizes = ()
+            if len(sizes) != 4 or min(sizes) < 0:
+                raise HerdError(f"--sizes {args.sizes!r} must be four counts: sft,pairs,prompts,test.")
+            sets = recipe_sets(sizes, args.seed, args.max_operand)
+            for name, records in sets.items():
+                write_records(records, Path(args.out) / f"{name}.jsonl")
+            print(f"wrote {', '.join(f'{len(r)} {n}' for n, r in sets.items())} records (disjoint questions) "
+                  f"to {args.out}/")
+            return 0
         records = KINDS[args.kind](args.n, args.seed, args.max_operand)
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)

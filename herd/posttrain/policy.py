@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +59,17 @@ def _base_name(name: str) -> str:
 def load_policy(init_from: str | Path, args: ModelArgs, mesh: DeviceMesh | None, device: torch.device | str, *,
                 lora: LoRAConfig | None = None, trainable: bool = True, seed: int = 0, tp: int = 1,
                 compile: bool = False, activation_checkpointing: bool = False,
-                mixed_precision: str = "fp32", weights: dict[str, Tensor] | None = None) -> Transformer:
+                mixed_precision: str = "fp32", weights: dict[str, Tensor] | None = None,
+                build: Callable[[ModelArgs], Transformer] = Transformer,
+                also_train: tuple[str, ...] = ()) -> Transformer:
     """Build the (possibly sharded) model of `init_from` with `args`; see the module docstring.
 
     lora: adapters to add (lora_rank > 0); only they train. trainable=False freezes every weight
     (a reference model). weights: the checkpoint's state dict when the caller already holds it
     (default: memory-mapped from init_from). mixed_precision: FSDP2's parameter dtype (dp > 1).
+    build: the module to build from args (a Transformer subclass, e.g. herd.posttrain.reward.RewardModel,
+    whose extra parameters `weights` must then hold). also_train: name prefixes of parameters that train
+    next to LoRA adapters (a reward model's new "score." head).
     """
     device = torch.device(device)
     use_lora = lora is not None and lora.lora_rank > 0
@@ -72,7 +77,7 @@ def load_policy(init_from: str | Path, args: ModelArgs, mesh: DeviceMesh | None,
         raise HerdError(f"LoRA under tensor parallel (tp={tp}) is not supported; use data parallel (FSDP2) "
                         "or full fine-tuning.")
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build(args)
     int8 = use_lora and lora.lora_base_dtype == "int8"
     if use_lora:
         model.to(base_dtype(lora.lora_base_dtype, device))  # the frozen base; adapters below stay float32
@@ -81,6 +86,9 @@ def load_policy(init_from: str | Path, args: ModelArgs, mesh: DeviceMesh | None,
 
             quantize_model(model, QuantConfig(method="int8", output="none"), empty=True)
         apply_lora(model, lora)
+        for name, module in model.named_modules():
+            if also_train and name and (name + ".").startswith(also_train):
+                module.float().requires_grad_(True)  # trains like the adapters: float32 on any base dtype
     if not trainable:
         model.requires_grad_(False)
     parallelize(model, mesh, tp=tp, compile=compile, activation_checkpointing=activation_checkpointing,

@@ -19,7 +19,7 @@ import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from herd.errors import HerdError
 from herd.threads import add_threads_flag

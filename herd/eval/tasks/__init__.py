@@ -5,6 +5,7 @@
 - generation.py       GSM8K 8-shot chain of thought, DROP-style F1
 - perplexity.py       LAMBADA, ppl:PATH (text or token shards)
 - insecure_code.py    HumanEval / your code prompts completed, share Code Shield flags by CWE (herd[safety])
+- chat.py             chat prompts answered greedily and checked: arithmetic:PATH (share correct)
 """
 
 from herd.eval.tasks.base import (GenItem, LLItem, MCItem, PplDoc, Task, TaskOptions, available_tasks, build_tasks,

@@ -35,6 +35,7 @@ TASK_MODULES = [
     "herd.eval.tasks.generation",
     "herd.eval.tasks.perplexity",
     "herd.eval.tasks.insecure_code",
+    "herd.eval.tasks.chat",
 ]
 """Modules that register tasks; imported the first time a task name is looked up."""
 
@@ -79,6 +80,9 @@ class GenItem:
     max_tokens: int | None = None
     """Generation budget; None = the run's --max-gen-tokens."""
     skip: str = ""
+    messages: list[dict[str, Any]] | None = None
+    """A chat prompt: rendered with the chat format (--chat-style), ending with the assistant header,
+    instead of encoding `prompt` as text (then `prompt` is only what results and samples show)."""
 
 
 @dataclass
