@@ -116,8 +116,10 @@ def test_engine_rollouts_carry_the_logprobs_transformers_gives(base, prompts):
     group = [p for p in ps for _ in range(2)]
     samples = sample_replies(model, group, [11, 12, 13, 14, 15, 16], params, tok)
     assert model.training  # handed back in train mode
-    alone = sample_replies(model, group[2:3], [13], params, tok)  # another batch, the same seed: the same reply
-    assert alone[0].reply_ids == samples[2].reply_ids
+    for i in (2, 3):  # alone, not in a fork group, with the same seed: the same reply
+        alone = sample_replies(model, group[i:i + 1], [11 + i], params, tok)
+        assert alone[0].reply_ids == samples[i].reply_ids
+        assert alone[0].engine_logprobs == pytest.approx(samples[i].engine_logprobs, abs=1e-5)  # other batch shapes
     hf_lp, _, mask = reply_logprobs_hf(hf_model(base), [s.to_dict() for s in samples])
     for b, s in enumerate(samples):
         n = len(s.engine_logprobs)

@@ -9,7 +9,8 @@ tensors the PPO / GRPO losses read (per-token log-probs, values, masks).
 Weight sync: the Engine runs directly on the training model's module (its KV pool is separate,
 its forward is the model's own), so every iteration samples from the current weights with no copy.
 A new Engine is built per iteration: its prefix cache holds keys/values of the previous weights.
-The G samples of one prompt share the prompt's KV blocks through that cache within the iteration.
+The G samples of one prompt are one fork group (Engine.add_forked_request): one prefill of the
+prompt, then G samplers, each with its own seed.
 
 Each row is prompt + reply (+ the stop token when the reply ended with one: the policy learns to
 stop), right-padded; inputs are row[:-1], targets row[1:], and `mask` is True on the reply's
@@ -110,21 +111,47 @@ def sample_replies(model: nn.Module, prompts: Sequence[Prompt], seeds: Sequence[
                    tokenizer: Any, max_batch_size: int = 64) -> list[Sample]:
     """One reply per (prompt, seed) from `model` through the inference Engine; the model is left in train mode.
 
-    prompts[i] is answered with seeds[i] (a group repeats a prompt with different seeds), so the
-    samples depend only on the weights and the seeds, never on the batch they ran in.
+    prompts[i] is answered with seeds[i]. Consecutive repeats of one prompt (a GRPO group) are one
+    fork group of the Engine: the prompt is prefilled once and each reply samples on from it with its
+    own seed, exactly as a request of its own would. So the samples depend only on the weights and
+    the seeds, never on the batch they ran in.
     """
     was_training = model.training
     longest = max(len(p.ids) for p in prompts) + params.max_new_tokens
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=longest)  # sets eval mode: no dropout
     plist = [SamplingParams(**{**params.__dict__, "seed": int(s), "logprobs": True}) for s in seeds]
-    with torch.no_grad():
-        results = engine.generate([p.ids for p in prompts], plist)
-    model.train(was_training)
+    owner: dict[int, int] = {}
+    i = 0
+    while i < len(prompts):
+        j = i + 1
+        while j < len(prompts) and prompts[j].ids == prompts[i].ids:
+            j += 1
+        rids = engine.add_forked_request(prompts[i].ids, plist[i:j])
+        owner.update({rid: i + k for k, rid in enumerate(rids)})
+        i = j
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    stops: list[int | None] = [None] * len(prompts)
+    try:
+        with torch.no_grad():
+            while engine.has_work():
+                for e in engine.step():
+                    n = owner[e.index]
+                    if e.finish_reason == "stop":
+                        stops[n] = e.token
+                    else:
+                        tokens[n].append(e.token)
+                        if e.logprob is not None:
+                            logprobs[n].append(e.logprob)
+    finally:  # an interrupted rollout must not leave requests holding the KV cache
+        for rid in owner:
+            engine.abort(rid)
+        model.train(was_training)
     out = []
-    for i, (p, r) in enumerate(zip(prompts, results)):
-        stopped = r.stop_token is not None
-        out.append(Sample(prompt=i, prompt_ids=list(p.ids), reply_ids=r.tokens + ([r.stop_token] if stopped else []),
-                          text=tokenizer.decode(r.tokens), stopped=stopped, engine_logprobs=list(r.logprobs or [])))
+    for n, p in enumerate(prompts):
+        stopped = stops[n] is not None
+        out.append(Sample(prompt=n, prompt_ids=list(p.ids), reply_ids=tokens[n] + ([stops[n]] if stopped else []),
+                          text=tokenizer.decode(tokens[n]), stopped=stopped, engine_logprobs=logprobs[n]))
     return out
 
 
