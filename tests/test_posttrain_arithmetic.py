@@ -86,3 +86,20 @@ def test_recipe_sets_are_disjoint(tmp_path, capsys):
                                                                    "test.jsonl"]
     assert arithmetic.main(["recipe", str(tmp_path / "r"), "--sizes", "30,20"]) == 2
     assert "four counts" in capsys.readouterr().err
+
+
+def test_larger_of_two_numbers():
+    q = [{"role": "user", "content": "What is the larger of 37 and 52?"}]
+    assert arithmetic.parse_question(q[0]["content"]) == (37, "max", 52)
+    assert arithmetic.reward(q, "max(37, 52) = 52.") == 1.0 and arithmetic.reward(q, "max(37, 52) = 37.") == 0.0
+    pairs = arithmetic.preference_records(100, seed=1, operators="max")
+    for r in pairs:
+        pref = to_preference(r)
+        a, op, b = arithmetic.parse_question(pref.prompt[0]["content"])
+        chosen, rejected = (resp[0]["content"] for resp in pref.responses)
+        assert op == "max" and a != b
+        assert arithmetic.stated_result(chosen) == max(a, b) and arithmetic.stated_result(rejected) == min(a, b)
+    mixed = arithmetic.sft_records(300, seed=2, operators="+,-,max")
+    assert {arithmetic.parse_question(r["messages"][0]["content"])[1] for r in mixed} == {"+", "-", "max"}
+    with pytest.raises(HerdError, match="operators must be some of"):
+        arithmetic.questions(5, operators="*")

