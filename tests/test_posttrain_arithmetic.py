@@ -20,7 +20,7 @@ def test_reward_by_hand():
     assert arithmetic.reward(q, "eighty-one") == 0.0  # no stated result
     assert arithmetic.reward("What is 90 - 7?", "90 - 7 = 83.") == 1.0
     assert arithmetic.reward("What is 90 - 7?", "= 83 wait, = 84") == 1.0  # the first stated result counts
-    with pytest.raises(HerdError, match="no 'What is A \\+ B\\?' question"):
+    with pytest.raises(HerdError, match="no 'What is A \\+ B\\?' \\(or"):
         arithmetic.reward([{"role": "user", "content": "hello"}], "= 3")
 
 
