@@ -21,6 +21,8 @@
 - losses.py   Bradley-Terry, DPO (sigmoid / ipo, label smoothing, length norm, Llama 3 mask), NLL term
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
+- reference_cache.py  DPO's reference log-probs, computed once before training, on disk (resumable, keyed)
+- dpo.py      DPOTrainConfig and the DPO loop (`herd dpo`, Llama 3's recipe);  dpo_cli.py  its command
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
 - cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
 
@@ -103,6 +105,10 @@ _EXPORTS = {
     "load_reward_model": "herd.posttrain.reward",
     "load_reward_scorer": "herd.posttrain.reward",
     "average_checkpoints": "herd.posttrain.average",
+    "adapters_disabled": "herd.posttrain.lora",
+    "DPOTrainConfig": "herd.posttrain.dpo",
+    "dpo": "herd.posttrain.dpo",
+    "ReferenceCache": "herd.posttrain.reference_cache",
 }
 
 __all__ = list(_EXPORTS)
