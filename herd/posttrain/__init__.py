@@ -107,7 +107,6 @@ _EXPORTS = {
     "average_checkpoints": "herd.posttrain.average",
     "adapters_disabled": "herd.posttrain.lora",
     "DPOTrainConfig": "herd.posttrain.dpo",
-    "dpo": "herd.posttrain.dpo",
     "ReferenceCache": "herd.posttrain.reference_cache",
 }
 
