@@ -40,7 +40,7 @@ class Sizes:
     sft_batch: int = 8
     sft_lr: float = 3e-3
     dpo_steps: int = 60
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 1e-3
     dpo_batch: int = 16
     val_fraction: float = 0.2
 
@@ -48,7 +48,7 @@ class Sizes:
 DEFAULT = Sizes(shape=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128,
                            tie_embeddings=True))
 QUICK = replace(DEFAULT, shape=dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128,
-                                    tie_embeddings=True), sft_steps=120, dpo_steps=30)
+                                    tie_embeddings=True), sft_steps=120, dpo_steps=40)
 
 
 def margins_and_answers(model: torch.nn.Module, tok: Any, val: Any, records: list[dict], pad_id: int) -> dict[str, float]:

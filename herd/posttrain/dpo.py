@@ -53,7 +53,7 @@ from herd.posttrain.pairs import LAYOUTS, PreferenceBatch, PreferenceBatchLoader
 from herd.posttrain.policy import load_policy, policy_args, trainable_parameters
 from herd.posttrain.preference_data import PreferenceDataConfig, PreferenceDataset, build_preference_data
 from herd.posttrain.reference_cache import COLUMNS, ReferenceCache, reference_key, response_ids
-from herd.posttrain.replies import HeldoutPrompt, chat_replies
+from herd.posttrain.replies import HeldoutPrompt, _last_turn, chat_replies
 from herd.threads import apply_threads
 from herd.train.metrics import MetricsLogger, memory_mb, plot_loss
 from herd.train.optim import build_optimizer, set_lr
@@ -124,8 +124,6 @@ def heldout_preference_prompts(dataset: PreferenceDataset, tokenizer: Any, n: in
         ids = dataset.prompt(i).tolist()
         best, fmt = dataset.response(int(dataset.first_response[i]))
         text = tokenizer.decode([t for t, f in zip(best.tolist(), fmt.tolist()) if not f and t not in stops])
-        from herd.posttrain.replies import _last_turn
-
         out.append(HeldoutPrompt(ids, _last_turn(tokenizer, ids), text.strip()))
     return out
 
@@ -199,7 +197,9 @@ def dpo(cfg: DPOTrainConfig) -> dict[str, Any]:
         log.print(f"{cache.folder} held reference log-probs of other data or another reference; computing them again")
     splits = {"train": data.train, "val": data.val}
     ref_logps: dict[str, np.ndarray] = {}
-    if any(cache.missing(s, d) for s, d in splits.items()):
+    if loss_cfg.reference_free:  # no reference at all: nothing to compute (the sums are never read)
+        ref_logps = {s: np.zeros((d.n_responses, len(COLUMNS))) for s, d in splits.items()}
+    elif any(cache.missing(s, d) for s, d in splits.items()):
         if cfg.lora and not cfg.reference:
             ref_model, ctx, what = model, adapters_disabled, f"{cfg.init_from} (the base, adapters off)"
         elif resume_from is None and not cfg.reference:  # the policy has not stepped: it is the reference
