@@ -2,8 +2,7 @@
 with herd dpo on right-vs-wrong answers (Llama 3's recipe), puts more log-prob on the right reply than on
 the wrong one for held-out questions than it did before DPO, and answers at least as many held-out
 questions right (greedy replies scored by herd.posttrain.arithmetic.reward). The quick model is too
-small and too briefly SFT'd to learn the sums themselves (8% right before and after); see
-bench/dpo_e2e.py for the larger run."""
+small and too briefly SFT'd to learn the sums themselves (8% right before and after)."""
 
 from __future__ import annotations
 
