@@ -179,6 +179,10 @@ def dpo(cfg: DPOTrainConfig) -> dict[str, Any]:
                            mixed_precision=precision if dp_size > 1 else "fp32")
 
     model = build(cfg.init_from, True)
+    torch.manual_seed(cfg.seed + info.rank)  # LoRA dropout masks: the same run twice (a resume restores the state)
+    # before any forward: FSDP2 leaves the root's parameters unsharded after a no_grad forward (the
+    # reference pass below), and an optimizer built then would hold tensors that never get gradients
+    optimizer = build_optimizer(model, cfg)
     log = MetricsLogger(out, enabled=is_main(), tensorboard=cfg.tensorboard,
                         resume_step=int(saved.get("step", 0)) if resume_from is not None else 0)
     if is_main():
@@ -227,8 +231,6 @@ def dpo(cfg: DPOTrainConfig) -> dict[str, Any]:
     ref_tensors = {s: torch.from_numpy(v[:, column]).float() for s, v in ref_logps.items()}
 
     model.train()
-    torch.manual_seed(cfg.seed + info.rank)
-    optimizer = build_optimizer(model, cfg)
     loader = PreferenceBatchLoader(data.train, seed=cfg.seed, layout=cfg.layout, pad_id=tokenizer.pad_id,
                                    dp_rank=dp_rank, dp_size=dp_size)
     guard = SpikeGuard(cfg.spike_factor, cfg.nan_policy, cfg.max_skips)
