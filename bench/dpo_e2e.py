@@ -5,8 +5,9 @@ show on held-out questions that DPO raised the chosen-over-rejected log-prob mar
     python bench/dpo_e2e.py --quick      # what tests/test_posttrain_dpo_e2e.py runs
 
 1. init       a tiny random Llama (official Llama 3 tokenizer; numbers up to 999 are single tokens)
-2. sft        `herd sft` on herd.posttrain.arithmetic.sft_records (small sums and differences) for a
-              few hundred steps: the model learns the reply form "A + B = C." and some of the results
+2. sft        `herd sft` on herd.posttrain.arithmetic.sft_records (small sums and differences, the
+              questions DPO holds out left out) for a few hundred steps: the model learns the reply
+              form "A + B = C." and the results of the questions it saw
 3. dpo        `herd dpo` from the SFT model on herd.posttrain.arithmetic.preference_records over the same
               questions (chosen: the right result; rejected: one off by 1-10), Llama 3's recipe (beta 0.1,
               formatting tokens masked, NLL 0.2 on chosen) at a learning rate a tiny model needs;
@@ -93,9 +94,13 @@ def build(out: Path, sizes: Sizes, threads: int, progress: bool = True) -> dict[
         model = Transformer(ModelArgs(vocab_size=128256, **sizes.shape))
         model.init_weights()
         save_checkpoint(model, base, format="herd", tokenizer_path=tok_model)
-    sft_data = write_records(sft_records(sizes.questions, seed=0, max_operand=sizes.max_operand), out / "sft.jsonl")
     pairs = preference_records(sizes.questions, seed=0, max_operand=sizes.max_operand)
     pair_data = write_records(pairs, out / "pairs.jsonl")
+    # the questions DPO holds out (its validation split: a hash of each record's id) are held out of SFT
+    # too, so no stage has seen their answers
+    held_ids = {r["id"] for r in pairs if is_validation(record_key(r), sizes.val_fraction, 0)}
+    sft_data = write_records([r for r in sft_records(sizes.questions, seed=0, max_operand=sizes.max_operand)
+                              if r["id"] not in held_ids], out / "sft.jsonl")
     # the meta chat style (no system header with date lines): the shortest rendering, so the least work
     common = dict(chat_style="meta", eval_on_start=False, sample_prompts=0, checkpoint_every=0, log_every=50, tensorboard=False,
                   threads=threads, peak_tflops=1.0, max_seq_len=128, seed=0)
