@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("herd.train.cli:pretrain", "pre-train a Llama 3 model on packed token shards"),
     "sft": ("herd.posttrain.cli:sft", "supervised fine-tuning (full or LoRA) of a checkpoint on chat data"),
     "ppo": ("herd.posttrain.ppo_cli:ppo", "RL on prompts against a reward model or a Python reward: GRPO or PPO"),
+    "dpo": ("herd.posttrain.dpo_cli:dpo", "direct preference optimization (Llama 3's recipe; full or LoRA) on preference pairs"),
     "eval": ("herd.eval.cli:eval", "benchmark scores (MMLU, ARC, HellaSwag, GSM8K, ...), perplexity and bits per byte"),
     "compare": ("herd.eval.cli:compare", "two checkpoints side by side on prompts, judged by a model: win / tie / loss"),
     "scaling": ("herd.eval.scaling.cli:scaling", "IsoFLOP sweeps, scaling-law fits and downstream prediction, plots"),

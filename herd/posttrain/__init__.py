@@ -28,6 +28,8 @@
 - reward_train.py  RewardTrainConfig, train_reward: the reward-model loop (`herd reward`)
 - rejection.py     RejectionConfig, rejection_sample: best of K replies per prompt as SFT data
                    (`herd rejection-sample`; one shared prefill per prompt through the engine)
+- reference_cache.py  DPO's reference log-probs, computed once before training, on disk (resumable, keyed)
+- dpo.py      DPOTrainConfig and the DPO loop (`herd dpo`, Llama 3's recipe);  dpo_cli.py  its command
 - average.py  weighted averages of checkpoints, reward models and LoRA adapters
 - cli.py      `herd sft`, `herd merge-lora`, `herd average`;  score_cli.py  `herd score`
 - reward_cli.py  `herd reward`, `herd rejection-sample`
@@ -121,6 +123,9 @@ _EXPORTS = {
     "train_reward": "herd.posttrain.reward_train",
     "RejectionConfig": "herd.posttrain.rejection",
     "rejection_sample": "herd.posttrain.rejection",
+    "adapters_disabled": "herd.posttrain.lora",
+    "DPOTrainConfig": "herd.posttrain.dpo",
+    "ReferenceCache": "herd.posttrain.reference_cache",
 }
 
 __all__ = list(_EXPORTS)

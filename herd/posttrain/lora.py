@@ -21,9 +21,10 @@ The model file is not touched: wrapping replaces modules from outside, so state-
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +126,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # adapters_disabled(): the base alone (DPO's reference under LoRA)
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -142,13 +144,13 @@ class LoRALinear(nn.Module):
         and leaves out the adapter dropout, which acts on inputs only the layer call sees.
         """
         w = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
-        if self.merged:
+        if self.merged or self.disabled:
             return w
         return w + (self.lora_B.weight @ self.lora_A.weight * self.scaling).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling  # [..., out] fp32
@@ -225,6 +227,25 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype = torch.flo
                            cfg.lora_dropout, cfg.lora_rslora, dtype)
     mark_only_lora_trainable(model)
     return modules
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[int]:
+    """Within the block every LoRALinear computes its base layer alone (yields how many were turned off).
+
+    DPO with LoRA takes the base with the adapters off as its reference, so the reference needs no
+    second copy of the weights. Merged adapters live inside the base weight and cannot be turned off.
+    """
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in modules):
+        raise HerdError("the adapters are merged into the base weights and cannot be turned off; unmerge them first.")
+    for m in modules:
+        m.disabled = True
+    try:
+        yield len(modules)
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
