@@ -5,10 +5,11 @@
 
 Llama 3's post-training round (arXiv:2407.21783, §4.1): SFT, a reward model on preference pairs,
 rejection sampling (best of K replies by reward becomes SFT data), then DPO. This script runs that
-round on the offline arithmetic task of herd.posttrain.arithmetic (right result chosen over a result
-off by 1-10), each stage as the shell command a user would type, printed before it runs:
+round on the offline task of herd.posttrain.arithmetic (by default "What is the larger of 37 and 52?", the
+right number chosen over the other; `--ops +,-` for sums, right result over one off by 1-10), each
+stage as the shell command a user would type, printed before it runs:
 
-    python -m herd.posttrain.arithmetic recipe OUT/data         # sft / pairs / prompts / test: disjoint questions
+    python -m herd.posttrain.arithmetic recipe OUT/data --ops max   # sft / pairs / prompts / test: disjoint
     herd sft  --init-from BASE        --data OUT/data/sft.jsonl   --out OUT/sft ...
     herd reward --init-from OUT/sft/final --data OUT/data/pairs.jsonl --out OUT/rm ...
     herd rejection-sample --policy OUT/sft/final --prompts OUT/data/prompts.jsonl --reward-model OUT/rm/final ...
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer questions, steps and samples")
     ap.add_argument("--threads", default="0")
     ap.add_argument("--max-operand", default="99")
+    ap.add_argument("--ops", default="max", help="question kinds for herd.posttrain.arithmetic (default max: "
+                    "'What is the larger of A and B?', which a 1M-parameter model can learn; '+,-' needs a "
+                    "bigger model: herd-1m answers every sum with one number)")
     ns = ap.parse_args(argv)
     out, base = Path(ns.out), Path(ns.base)
     if not base.exists():
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               "--tensorboard", "false"]
     if not (data / "test.jsonl").is_file():
         run([sys.executable, "-m", "herd.posttrain.arithmetic", "recipe", str(data), "--sizes", sizes,
-             "--max-operand", ns.max_operand], log)
+             "--max-operand", ns.max_operand, "--ops", ns.ops], log)
 
     rows: dict[str, dict] = {}
 

@@ -7,7 +7,6 @@ reward function is counted, never fatal; bad input ends in one line and writes n
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -308,7 +307,7 @@ def test_prompt_records_in_every_form():
 def test_adapters_off_gives_the_base_exactly(base):
     from herd.checkpoint import load_checkpoint
     from herd.posttrain.lora import LoRAConfig, apply_lora
-    from herd.posttrain.rollout import adapters_off
+    from herd.posttrain.lora import adapters_disabled
 
     plain = load_checkpoint(base).eval()
     model = load_checkpoint(base)
@@ -321,7 +320,7 @@ def test_adapters_off_gives_the_base_exactly(base):
     tokens = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         assert not torch.equal(model(tokens), plain(tokens))
-        with adapters_off(model):
+        with adapters_disabled(model):
             assert torch.equal(model(tokens), plain(tokens))
         assert not torch.equal(model(tokens), plain(tokens))  # switched back on
 

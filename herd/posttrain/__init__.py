@@ -22,7 +22,7 @@
 - rl.py       PPO (clipped policy and value losses, GAE, KL penalties) and GRPO advantages
 - prompts.py  prompt records -> chat messages + ids, train / held-out split (PPO / GRPO rollouts)
 - rollout.py  replies sampled by the inference Engine on the training model, rewards, RolloutBatch,
-              PolicyWithValue (policy + PPO's value head), adapters_off (a LoRA run's reference)
+              PolicyWithValue (policy + PPO's value head)
 - ppo_config.py PPOConfig;  ppo.py  the GRPO / PPO loop (`herd ppo`);  ppo_cli.py its command
 - reward.py   RewardModel (scalar head), saved as transformers' LlamaForSequenceClassification; scoring
 - reward_train.py  RewardTrainConfig, train_reward: the reward-model loop (`herd reward`)
@@ -118,7 +118,6 @@ _EXPORTS = {
     "PolicyWithValue": "herd.posttrain.rollout",
     "RolloutBatch": "herd.posttrain.rollout",
     "sample_replies": "herd.posttrain.rollout",
-    "adapters_off": "herd.posttrain.rollout",
     "RewardTrainConfig": "herd.posttrain.reward_train",
     "train_reward": "herd.posttrain.reward_train",
     "RejectionConfig": "herd.posttrain.rejection",

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from herd.errors import HerdError
 from herd.fileio import atomic_write
-from herd.parallel import all_reduce_mean, barrier, build_mesh, init_distributed, is_main
+from herd.parallel import barrier, build_mesh, init_distributed, is_main
 from herd.posttrain import resume
 from herd.posttrain.config import FinetuneConfig
 from herd.posttrain.dataset import load_tokenizer_for

@@ -50,7 +50,8 @@ from herd.posttrain.ppo_config import PPOConfig
 from herd.posttrain.prompts import build_prompts
 from herd.posttrain.rl import (gae, grpo_advantages, kl_penalty, masked_mean, masked_whiten, ppo_policy_loss,
                                ppo_value_loss, token_rewards)
-from herd.posttrain.rollout import (PolicyWithValue, RolloutBatch, adapters_off, batch_logprobs, function_reward,
+from herd.posttrain.lora import adapters_disabled
+from herd.posttrain.rollout import (PolicyWithValue, RolloutBatch, batch_logprobs, function_reward,
                                     model_reward, sample_replies, score_replies)
 from herd.threads import apply_threads
 from herd.tokenizer.chat import ChatFormat
@@ -287,7 +288,7 @@ def advantages(cfg: PPOConfig, policy: PolicyWithValue, reference: PolicyWithVal
     batch.old_logprobs, batch.old_values = forward(policy, batch)
     if cfg.kl_coef > 0:
         if reference is None:
-            with adapters_off(policy):
+            with adapters_disabled(policy):
                 batch.ref_logprobs, _ = forward(policy, batch)
         else:
             batch.ref_logprobs, _ = forward(reference, batch)

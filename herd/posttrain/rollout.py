@@ -21,16 +21,14 @@ before that action), as TRL's value head does.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
-from herd.posttrain.lora import LoRALinear
 from herd.posttrain.prompts import Prompt
 from herd.train.loss import IGNORE, token_logprobs
 
@@ -66,23 +64,6 @@ class PolicyWithValue(nn.Module):
             return lp, v
 
         return self.policy(tokens, head=head)
-
-
-@contextlib.contextmanager
-def adapters_off(model: nn.Module) -> Iterator[None]:
-    """Run `model` as its frozen base: every LoRA update scaled by 0 (exactly base(x) + 0) until the block ends.
-
-    The reference policy of a LoRA run is the base it started from (the adapters start at B = 0).
-    """
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = [m.scaling for m in layers]
-    try:
-        for m in layers:
-            m.scaling = 0.0
-        yield
-    finally:
-        for m, s in zip(layers, saved):
-            m.scaling = s
 
 
 @dataclass
