@@ -307,3 +307,28 @@ def test_bad_input_is_one_line(extra, message, policy, files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("herd: error:") and "\n" not in err and message in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_pairs_make_the_output_preference_data_too(reference, policy, files, tmp_path):
+    """--pairs: best reply chosen, the worst-scored one rejected (when it scores lower); the same samples."""
+    from herd.posttrain.preference import to_preference
+    from herd.posttrain.render import to_conversation
+
+    ref_out, _ = reference
+    out = tmp_path / "rs.jsonl"
+    rejection_sample(cfg(policy, files, out, pairs=True))
+    with_pairs, plain = lines(out), lines(ref_out)
+    assert [x["messages"] for x in with_pairs] == [x["messages"] for x in plain]  # the SFT side is unchanged
+    n_pairs = 0
+    for line in with_pairs:
+        valid = [(r, k) for k, r in enumerate(line["rewards"]) if r is not None]
+        worst = min(valid)[1]  # the first of the worst
+        if line["rewards"][worst] < line["reward"]:
+            pref = to_preference(line)
+            assert pref.prompt == line["messages"][:-1] and line["worst"] == worst
+            assert pref.responses[0] == line["messages"][-1:]  # chosen: the best reply
+            n_pairs += 1
+        else:
+            assert "rejected" not in line
+        assert to_conversation(line).messages == line["messages"]  # still SFT data
+    assert n_pairs > 0

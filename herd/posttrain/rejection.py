@@ -75,6 +75,9 @@ class RejectionConfig:
     """Longest reply in tokens."""
     keep_truncated: bool = False
     """Also score replies that hit --max-new-tokens before ending their turn."""
+    pairs: bool = False
+    """Also write each prompt as an on-policy preference pair: "prompt", "chosen" (the best reply) and "rejected"
+    (the worst-scored one, when it scores lower), so OUT is also data for herd dpo / herd reward (Llama 3 §4.2.1)."""
     seed: int = 0
     """Seed of the samplers: sample k of prompt i always gets the same seed."""
     shared_prefill: bool = True
@@ -124,7 +127,7 @@ class RejectionConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the rest, e.g. --chunk, may change)."""
         keys = ("policy", "prompts", "reward_model", "reward_fn", "k", "temperature", "top_p", "max_new_tokens",
-                "keep_truncated", "seed", "chat_style", "date_string", "dtype")
+                "keep_truncated", "pairs", "seed", "chat_style", "date_string", "dtype")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -490,6 +493,10 @@ def _select(stats: Stats, cfg: RejectionConfig, scorer: Scorer, item: tuple, res
     line: dict[str, Any] = {"id": record["id"]} if isinstance(record, dict) and "id" in record else {}
     line.update(messages=messages + [{"role": "assistant", "content": replies[best]}], reward=rewards[best],
                 rewards=rewards, best=best)
+    worst = min(range(len(rewards)), key=lambda k: (rewards[k] is None, rewards[k] if rewards[k] is not None else 0.0, k))
+    if cfg.pairs and rewards[worst] is not None and rewards[worst] < rewards[best]:
+        line.update(prompt=messages, chosen=[{"role": "assistant", "content": replies[best]}],
+                    rejected=[{"role": "assistant", "content": replies[worst]}], worst=worst)
     if errors:
         line["reward_errors"] = errors
     return json.dumps(line, ensure_ascii=False)
