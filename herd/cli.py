@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("herd.posttrain.cli:sft", "supervised fine-tuning (full or LoRA) of a checkpoint on chat data"),
     "reward": ("herd.posttrain.reward_cli:reward", "train a reward model (Bradley-Terry on preference pairs, full or LoRA)"),
     "rejection-sample": ("herd.posttrain.reward_cli:rejection_sample",
+                         "best of K sampled replies per prompt, by a reward model or function, as new SFT data"),
     "dpo": ("herd.posttrain.dpo_cli:dpo", "direct preference optimization (Llama 3's recipe; full or LoRA) on preference pairs"),
     "ppo": ("herd.posttrain.ppo_cli:ppo", "RL on prompts against a reward model or a Python reward: GRPO or PPO"),
     "merge-lora": ("herd.posttrain.cli:merge_lora", "fold a LoRA adapter (herd's or peft's) into its base model"),
@@ -41,7 +42,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("herd.eval.cli:eval", "benchmark scores (MMLU, ARC, HellaSwag, GSM8K, ...), perplexity and bits per byte"),
     "compare": ("herd.eval.cli:compare", "two checkpoints side by side on prompts, judged by a model: win / tie / loss"),
     "scaling": ("herd.eval.scaling.cli:scaling", "IsoFLOP sweeps, scaling-law fits and downstream prediction, plots"),
-                         "best of K sampled replies per prompt, by a reward model or function, as new SFT data"),
     "guard": ("herd.safety.guard_cli:guard", "Llama Guard moderation: classify or evaluate conversations, make guard training data"),
     "codeshield": ("herd.safety.codeshield_cli:codeshield", "scan code for insecure patterns with Meta's Code Shield (CWE, severity)"),
 }
