@@ -294,6 +294,7 @@ def test_ppo_help_lists_every_group(capsys):
 
 def test_prompt_records_in_every_form():
     from herd.posttrain.prompts import prompt_messages
+    from herd.posttrain.render import RecordError
 
     assert prompt_messages({"prompt": "hi"}) == [{"role": "user", "content": "hi"}]
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -301,7 +302,8 @@ def test_prompt_records_in_every_form():
     assert prompt_messages({"prompt": chat[:2]}) == chat[:2]
     for bad in ({"prompt": ""}, {"messages": [{"role": "assistant", "content": "a"}]}, {"text": "x"},
                 {"prompt": [{"role": "narrator", "content": "x"}]}, [1, 2]):
-        assert prompt_messages(bad) is None
+        with pytest.raises(RecordError):
+            prompt_messages(bad)
 
 
 def test_adapters_off_gives_the_base_exactly(base):

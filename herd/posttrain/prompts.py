@@ -21,13 +21,14 @@ from herd.data.pack import is_validation
 from herd.errors import HerdError
 from herd.posttrain.dataset import record_key
 from herd.posttrain.records import data_files, iter_records
+from herd.posttrain.render import RecordError, parse_messages
 from herd.posttrain.report import REASONS, DataReport
 from herd.tokenizer.chat import ChatFormat
 
-ROLES = ("system", "user", "assistant", "tool", "ipython")
 PROMPT_REASONS = {
     **REASONS,
-    "no_prompt": "a record with no 'prompt' (string or messages) nor 'messages' holding a non-assistant turn",
+    "no_prompt": "a record with no prompt to reply to: no 'prompt' (string or messages) or 'messages', malformed "
+                 "messages, or no user turn at the end",
     "too_long": "a prompt longer than --max-prompt-len tokens",
 }
 
@@ -70,23 +71,31 @@ class PromptSet:
         return h.hexdigest()
 
 
-def prompt_messages(record: Any) -> list[dict[str, Any]] | None:
-    """The prompt of a record as chat messages, or None when it has none (see the module docstring)."""
+def prompt_messages(record: Any) -> list[dict[str, Any]]:
+    """The prompt a record asks for, as chat messages (RecordError if it holds none to reply to).
+
+    {"messages": [...]} with its trailing assistant turns dropped (SFT data doubles as prompts), or
+    {"prompt": "text" | [messages]}; the prompt must end with a user (or tool / ipython) turn.
+    """
     if not isinstance(record, dict):
-        return None
-    raw = record.get("prompt", record.get("messages"))
-    if isinstance(raw, str):
-        return [{"role": "user", "content": raw}] if raw.strip() else None
-    if not isinstance(raw, list) or not raw:
-        return None
-    messages = []
-    for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content", ""), str):
-            return None
-        messages.append({"role": m["role"], "content": m.get("content", "")})
+        raise RecordError("bad_record", f"a JSON {type(record).__name__}, not an object")
+    if record.get("messages") is not None:
+        messages = parse_messages(record["messages"], "messages")
+    elif "prompt" in record:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise RecordError("no_prompt", "'prompt' is empty")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = parse_messages(prompt, "prompt")
+    else:
+        raise RecordError("no_prompt", f"no 'messages' or 'prompt' (fields {', '.join(sorted(map(str, record))[:6])})")
     while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages or None
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] not in ("user", "ipython", "tool"):
+        raise RecordError("no_prompt", "the prompt does not end with a user (or tool) turn to reply to")
+    return messages
 
 
 def build_prompts(paths: Sequence[str], chat: ChatFormat, max_prompt_len: int, val_fraction: float,
@@ -96,9 +105,10 @@ def build_prompts(paths: Sequence[str], chat: ChatFormat, max_prompt_len: int, v
     train: list[Prompt] = []
     heldout: list[Prompt] = []
     for where, record in iter_records(data_files(list(paths), report), report):
-        messages = prompt_messages(record)
-        if messages is None:
-            report.count("no_prompt", where, "no 'prompt' or 'messages' with a non-assistant turn")
+        try:
+            messages = prompt_messages(record)
+        except RecordError as e:  # every way a record fails to be a prompt is counted as one reason
+            report.count("no_prompt", where, e.detail)
             continue
         ids = chat.encode_dialog_prompt(messages, add_generation_prompt=True)
         if len(ids) > max_prompt_len:

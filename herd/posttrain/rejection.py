@@ -137,26 +137,6 @@ def sample_seed(seed: int, prompt_index: int, k: int) -> int:
     return int.from_bytes(digest, "little") >> 1  # a non-negative int64
 
 
-def prompt_messages(record: Any) -> list[dict[str, Any]]:
-    """The prompt a record asks for (RecordError if it is none): its messages without a final assistant turn."""
-    from herd.posttrain.render import RecordError, parse_messages
-
-    if not isinstance(record, dict):
-        raise RecordError("bad_record", f"a JSON {type(record).__name__}, not an object")
-    if record.get("messages") is not None:
-        messages = parse_messages(record["messages"], "messages")
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-    elif "prompt" in record:
-        prompt = record["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else parse_messages(prompt, "prompt")
-    else:
-        raise RecordError("bad_record", f"no 'messages' or 'prompt' (fields {', '.join(sorted(map(str, record))[:6])})")
-    if not messages or messages[-1]["role"] not in ("user", "ipython", "tool"):
-        raise RecordError("bad_record", "the prompt does not end with a user (or tool) turn to reply to")
-    return messages
-
-
 @dataclass
 class Stats:
     """Running totals of a rejection-sampling run (saved with its progress, so a resume keeps them)."""
@@ -376,6 +356,7 @@ def rejection_sample(cfg: RejectionConfig) -> dict[str, Any]:
     from herd.inference.engine import Engine
     from herd.posttrain.dataset import load_tokenizer_for
     from herd.posttrain.policy import policy_args
+    from herd.posttrain.prompts import prompt_messages
     from herd.posttrain.records import data_files, iter_records
     from herd.posttrain.render import RecordError
     from herd.posttrain.report import DataReport
