@@ -50,9 +50,9 @@ def last_val(log_jsonl: Path) -> dict:
     return vals[-1] if vals else {}
 
 
-def held_out(ckpt: Path, out: Path, data: Path, rm: Path | None, threads: str, log: Path) -> dict:
+def held_out(stage: str, ckpt: Path, out: Path, data: Path, rm: Path | None, threads: str, log: Path) -> dict:
     """Share of right greedy answers on the test prompts, and the reward model's mean score of them."""
-    eval_dir = out / "eval" / (ckpt.parent.name if ckpt.name == "final" else "base")
+    eval_dir = out / "eval" / stage
     if not (eval_dir / "results.json").is_file():
         run(["herd", "eval", "--checkpoint", str(ckpt), "--tasks", f"arithmetic:{data / 'test.jsonl'}",
              "--chat-style", "meta", "--samples", "--out", str(eval_dir), "--threads", threads], log)
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("rm", ["herd", "reward", "--init-from", str(sft), "--data", str(data / "pairs.jsonl"), "--out", str(rm),
                  "--steps", str(rm_steps), "--batch-size", "16", "--lr", "1e-3", "--eval-every", str(rm_steps),
                  *common])
-    rows["base"] = held_out(base, out, data, rm, ns.threads, log)  # never taught the chat format
-    rows["sft"] = held_out(sft, out, data, rm, ns.threads, log)
+    rows["base"] = held_out("base", base, out, data, rm, ns.threads, log)  # never taught the chat format
+    rows["sft"] = held_out("sft", sft, out, data, rm, ns.threads, log)
     rm_val = last_val(rm / "log.jsonl")
     rows["sft"]["pref_acc"] = rm_val.get("accuracy")
     rs_data = data / "rs.jsonl"
@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     rs = stage("rs", ["herd", "sft", "--init-from", str(sft), "--data", str(rs_data), "--out", str(out / "rs"),
                       "--steps", str(rs_steps), "--batch-size", "16", "--lr", "5e-4", "--eval-every", str(rs_steps),
                       "--sample-prompts", "0", *common])
-    rows["rejection sampling"] = held_out(rs, out, data, rm, ns.threads, log)
+    rows["rejection sampling"] = held_out("rs", rs, out, data, rm, ns.threads, log)
     dpo = stage("dpo", ["herd", "dpo", "--init-from", str(rs), "--data", str(data / "pairs.jsonl"), "--out",
                         str(out / "dpo"), "--steps", str(dpo_steps), "--batch-size", "16", "--lr", "5e-4",
                         "--eval-every", str(dpo_steps), "--sample-prompts", "0", *common])
-    rows["dpo"] = held_out(dpo, out, data, rm, ns.threads, log)
+    rows["dpo"] = held_out("dpo", dpo, out, data, rm, ns.threads, log)
     dpo_val = last_val(out / "dpo" / "log.jsonl")
     rows["dpo"]["pref_acc"] = dpo_val.get("accuracy")
     rows["dpo"]["logp_margin"] = dpo_val.get("logp_margin")
