@@ -9,7 +9,8 @@ import torch
 
 from herd.errors import HerdError
 from herd.inference import Engine, SamplingParams
-from herd.inference.sampling import min_p_filter, sampling_probs, top_k_filter, top_p_filter
+from herd.inference.sampling import (min_p_filter, sample_token, sampling_probs, sampling_support, top_k_filter,
+                                     top_p_filter)
 from herd.model import ModelArgs, Transformer
 
 VOCAB = 320
@@ -200,6 +201,61 @@ def test_seeded_draws_follow_the_filtered_distribution():
     freq = torch.bincount(draws, minlength=4).float() / 4000
     assert freq[2] == 0
     torch.testing.assert_close(freq, torch.tensor([0.15, 0.5, 0.0, 0.3]) / 0.95, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties"])
+def test_sampling_support_equals_the_filters(kind):
+    """The engine's draw looks at a few hundred candidates instead of sorting the vocabulary; the
+    distribution it draws from must equal the filters' (sampling_probs), or it must defer to them."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 5000
+    grid = [dict(top_p=0.9), dict(top_p=0.5), dict(top_p=0.999), dict(top_p=1.0, top_k=40),
+            dict(top_p=0.8, top_k=300), dict(top_p=1.0, min_p=0.05), dict(top_p=0.95, min_p=0.2),
+            dict(top_p=1.0), dict(top_p=1.0, top_k=vocab + 1)]
+    deferred, served = 0, set()
+    for trial in range(4):
+        if kind == "peaked":  # a trained LM's next-token logits: a few likely tokens, a long tail
+            logits = torch.randn(vocab, generator=gen) * 2.5 + torch.where(torch.rand(vocab, generator=gen) < 0.01, 6.0, 0.0)
+        elif kind == "flat":  # a random model: the nucleus holds most of the vocabulary
+            logits = torch.randn(vocab, generator=gen) * 0.1
+        else:  # many equal logits, also at the k-th place
+            logits = torch.randint(0, 4, (vocab,), generator=gen).float()
+        for cfg in grid:
+            params = SamplingParams(temperature=[1.0, 0.7, 1.3, 1.0][trial], **cfg)
+            expected = sampling_probs(logits.unsqueeze(0), params)[0]
+            support = sampling_support(logits, params)
+            if support is None:
+                deferred += 1
+                continue
+            ids, weights = support
+            got = torch.zeros(vocab).index_add_(0, ids, weights / weights.sum())
+            if kind == "ties":  # which of equal tokens the nucleus ends on is arbitrary: compare mass per value
+                values = logits.unique()
+                got = torch.stack([got[logits == v].sum() for v in values])
+                expected = torch.stack([expected[logits == v].sum() for v in values])
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+            assert ((got > 0) == (expected > 0)).all()
+            served.add(str(cfg))
+    if kind == "peaked":  # the fast path serves real LM distributions (a 0.999 nucleus may outgrow the candidates)
+        assert len(served) >= len(grid) - 1 and deferred <= 4
+    else:
+        assert deferred > 0  # and steps aside when the candidates may not hold the nucleus, or at top-k ties
+
+
+def test_sample_token_draws_follow_the_filtered_distribution():
+    p = SamplingParams(temperature=1.0, top_p=0.85, seed=0)
+    g = p.make_generator()
+    draws = torch.tensor([sample_token(LOGITS, p, g) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert freq[2] == 0
+    torch.testing.assert_close(freq, torch.tensor([0.15, 0.5, 0.0, 0.3]) / 0.95, atol=0.03, rtol=0)
+    # temperature only (the whole vocabulary) and a seeded generator repeats itself
+    p = SamplingParams(temperature=2.0, top_p=1.0, seed=3)
+    draws = [sample_token(LOGITS, p, p.make_generator()) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    g = p.make_generator()
+    freq = torch.bincount(torch.tensor([sample_token(LOGITS, p, g) for _ in range(4000)]), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, PROBS.sqrt() / PROBS.sqrt().sum(), atol=0.03, rtol=0)
 
 
 def test_bad_requests_raise_herd_error(model):

