@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from herd.inference.sampling import SamplingParams, sample, sample_token, sampling_probs
+from herd.inference.sampling import SamplingParams, sample_token, sampling_probs
 
 VOCAB = 128_256
 SETTINGS = {  # name -> SamplingParams fields
@@ -72,7 +72,7 @@ def main() -> None:
             warpers.append(MinPLogitsWarper(params.min_p))
         variants = {
             "herd": lambda r, g: sample_token(r, params, g),
-            "before": lambda r, g: int(sample(sampling_probs(r.unsqueeze(0), params), g)[0]),
+            "before": lambda r, g: int(torch.multinomial(sampling_probs(r.unsqueeze(0), params), 1, generator=g)),
             "hf": lambda r, g: hf_draw(warpers, r, g),
         }
         times: dict[str, list[float]] = {k: [] for k in variants}

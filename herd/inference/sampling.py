@@ -139,21 +139,21 @@ def sampling_probs(logits: Tensor, params: SamplingParams) -> Tensor:
     return torch.softmax(x, dim=-1)
 
 
-def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One token id per row of probs [B, V] -> LongTensor [B]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 CANDIDATES = (256, 2048)
 """How many of the most likely tokens a nucleus (top-p) or min-p draw looks at, smallest first; the
 whole vocabulary is sorted only when the largest set does not hold the nucleus (a near-flat distribution)."""
 
 
-def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
-    """Index of one draw from unnormalized non-negative weights [n] (inverse CDF, one uniform number)."""
+def _draws(weights: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """Indices of n independent draws from unnormalized non-negative weights [m] (inverse CDF). -> [n]"""
     cdf = torch.cumsum(weights.double(), 0)
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[0] - 1)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=weights.device) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1)
+
+
+def _draw(weights: Tensor, generator: torch.Generator | None) -> int:
+    """Index of one draw from unnormalized non-negative weights [m] (inverse CDF, one uniform number)."""
+    return int(_draws(weights, 1, generator)[0])
 
 
 def sampling_support(logits: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor] | None:
@@ -273,12 +273,13 @@ def constrained_token(logits: Tensor, params: SamplingParams, generator: torch.G
                 return tok
         mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
         return int(logits.masked_fill(~mask, float("-inf")).argmax())
-    probs = sampling_probs(logits.unsqueeze(0), params)  # [1, V]
     # Rejection sampling: the first allowed one of independent draws is a draw from the allowed part
-    # of the distribution. One multinomial call for all tries (each call scans the whole vocabulary).
-    for tok in torch.multinomial(probs, tries, replacement=True, generator=generator)[0].tolist():
+    # of the distribution. All tries come from one cumulative sum over the filtered support.
+    support = sampling_support(logits, params)
+    ids, weights = support if support is not None else (None, sampling_probs(logits.unsqueeze(0), params)[0])
+    for i in _draws(weights, tries, generator).tolist():
+        tok = int(ids[i]) if ids is not None else i
         if constraint.allows(tok):
             return tok
     mask = constraint.allowed_mask(logits.shape[-1]).to(logits.device)
-    probs = sampling_probs(logits.masked_fill(~mask, float("-inf")).unsqueeze(0), params)[0]
-    return int(sample(probs.unsqueeze(0), generator)[0])
+    return sample_token(logits.masked_fill(~mask, float("-inf")), params, generator)
