@@ -62,7 +62,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ClassifierTrainConfig, args)
     examples = _labeled_examples(args)
     print(f"training on {len(examples)} labeled documents")
-    metrics = train_classifier(examples, args.output, config)
+    metrics = train_classifier(examples, args.output, config, progress=True)
     acc = metrics["accuracy"]
     print(f"wrote {args.output} (labels: {', '.join(metrics['labels'])}; {metrics['n_train']} train, "
           f"{metrics['n_valid']} held out)")

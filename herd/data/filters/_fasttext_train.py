@@ -28,23 +28,26 @@ NAN_EXIT = 3  # the child's exit status when fastText's SGD diverged ("Encounter
 NO_TRAINING_EXIT = 4  # the installed `fasttext` module cannot train (fasttext-predict's build)
 
 
-def train_in_fresh_process(train_file: str | Path, model_out: str | Path, params: dict) -> str | None:
+def train_in_fresh_process(train_file: str | Path, model_out: str | Path, params: dict,
+                           progress: bool = False) -> str | None:
     """Train `fasttext.train_supervised(input=train_file, **params)` in a child process, save to model_out.
 
+    progress: fastText's own progress line (percent done, words/s, lr, loss, ETA) goes to stderr.
     Returns None on success, "nan" when training diverged; raises RuntimeError with the child's
     message for anything else (including a `fasttext` module that can only predict: "predict-only").
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    params = dict(params, verbose=2 if progress else 0)
     proc = subprocess.run([sys.executable, __file__, str(train_file), str(model_out), json.dumps(params)],
-                          env=env, capture_output=True, text=True)
+                          env=env, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
     if proc.returncode == 0:
         return None
     if proc.returncode == NAN_EXIT:
         return "nan"
     if proc.returncode == NO_TRAINING_EXIT:
         raise RuntimeError("predict-only")
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-    raise RuntimeError(tail[0])
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:]
+    raise RuntimeError(tail[0] if tail else f"exit status {proc.returncode}; fastText's output is above")
 
 
 def _main(train_file: str, model_out: str, params: str) -> int:
@@ -52,8 +55,9 @@ def _main(train_file: str, model_out: str, params: str) -> int:
 
     if not hasattr(fasttext, "train_supervised"):
         return NO_TRAINING_EXIT
+    kwargs = json.loads(params)
     try:
-        model = fasttext.train_supervised(input=train_file, verbose=0, **json.loads(params))
+        model = fasttext.train_supervised(input=train_file, **kwargs)
     except RuntimeError as e:
         if "NaN" in str(e):
             return NAN_EXIT

@@ -84,11 +84,12 @@ def _label(label: Any) -> str:
 
 
 def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path,
-                     config: ClassifierTrainConfig | None = None) -> dict[str, Any]:
+                     config: ClassifierTrainConfig | None = None, progress: bool = False) -> dict[str, Any]:
     """Train a fastText classifier on (text, label) pairs, save it to model_path; returns metrics.
 
     Metrics: n_train, n_valid, labels, accuracy (top-1 on the held-out split; None without one)
     and per-label precision / recall. They are also written to `<model_path>.json`.
+    progress: show fastText's progress line (percent, words/s, loss, ETA) on stderr.
     """
     config = config or ClassifierTrainConfig()
     data = [(to_line(t, config.max_chars), _label(y)) for t, y in examples]
@@ -112,7 +113,7 @@ def train_classifier(examples: Sequence[tuple[str, Any]], model_path: str | Path
             params = dict(epoch=config.epoch, lr=lr, dim=config.dim, wordNgrams=config.word_ngrams,
                           minCount=config.min_count, bucket=config.bucket, thread=config.threads, seed=config.seed)
             try:
-                failure = train_in_fresh_process(train_file, tmp_model, params)
+                failure = train_in_fresh_process(train_file, tmp_model, params, progress=progress)
             except RuntimeError as e:
                 if str(e) == "predict-only":
                     raise HerdError("the installed `fasttext` module can only predict (fasttext-predict, which "
