@@ -1,7 +1,7 @@
 """`herd dpo` under torchrun on 2 gloo CPU processes trains exactly like one process: FSDP2 data parallel
 (full fine-tuning, and LoRA whose reference is the base with adapters off) logs the same losses and
-held-out DPO losses and exports the same weights / adapter (within float tolerance); the reference
-pass runs on both ranks and rank 0 writes the same cache."""
+held-out DPO losses and exports the same weights / adapter (within float tolerance); the ranks share out
+the reference pass and rank 0 writes the same cache."""
 
 from __future__ import annotations
 

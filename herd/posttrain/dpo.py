@@ -220,7 +220,9 @@ def dpo(cfg: DPOTrainConfig) -> dict[str, Any]:
                 return response_logprobs(ref_model, b, chunk=cfg.loss_chunk)
 
         for s, d in splits.items():
-            ref_logps[s] = cache.compute(s, d, ref_forward, cfg.layout, tokenizer.pad_id, micro, progress=is_main())
+            ref_logps[s] = cache.compute(s, d, ref_forward, cfg.layout, tokenizer.pad_id, micro, progress=is_main(),
+                                         dp_rank=dp_rank, dp_size=dp_size,
+                                         dp_group=mesh["dp"].get_group() if mesh is not None else None)
         ref_model.train(was_training)
         if ref_model is not model:
             del ref_model  # training holds one model

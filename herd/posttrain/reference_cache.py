@@ -15,6 +15,8 @@ chunk of examples, each written atomically; a killed pass finds the chunks alrea
 computes only the rest. The key hashes the rendered data (every array of the train and validation
 sets), the reference checkpoint (reference_fingerprint) and how it was run (adapters off, precision):
 a cache with another key is stale, and is discarded and recomputed, never silently reused.
+Under torchrun the data-parallel ranks share out the missing chunks (one each per round, results
+exchanged with all_gather_object), so N ranks take about 1/N of one process's time.
 """
 
 from __future__ import annotations
@@ -110,37 +112,59 @@ class ReferenceCache:
         """Chunks of `split` not on disk yet."""
         return sum(not self._part(split, s).exists() for s in range(0, len(dataset), self.chunk))
 
-    def compute(self, split: str, dataset: PreferenceDataset, forward: Callable[[PreferenceBatch], Tensor],
-                layout: str = "concat", pad_id: int = 0, batch_size: int = 8, progress: bool = True) -> np.ndarray:
+    def compute(self, split: str, dataset: PreferenceDataset, forward: Callable[[PreferenceBatch], Tensor] | None,
+                layout: str = "concat", pad_id: int = 0, batch_size: int = 8, progress: bool = True,
+                dp_rank: int = 0, dp_size: int = 1, dp_group: Any = None) -> np.ndarray:
         """[n_responses, 2] float64 sums of `split`: chunks on disk are read, the others computed with
-        `forward` (a batch -> token log-probs [N], called under no_grad) and written one chunk at a time."""
+        `forward` (a batch -> token log-probs [N], called under no_grad) and written one chunk at a time.
+
+        Under data parallelism (dp_size > 1, every rank calling with its dp_rank and the dp process
+        group) the missing chunks are shared out: in each round every data-parallel rank computes a
+        different chunk, the results are exchanged (all_gather_object), and every rank ends with all of
+        them. Every rank runs the same number of forwards (FSDP gathers weights in each): a rank with a
+        shorter chunk, or none in the last round, repeats a batch and drops the result."""
         out = np.zeros((dataset.n_responses, len(COLUMNS)), dtype=np.float64)
         starts = range(0, len(dataset), self.chunk)
         # decided once, before any rank writes: every rank then runs the same forwards (FSDP's collectives)
-        todo = {s for s in starts if not self._part(split, s).exists()}
+        todo = [s for s in starts if not self._part(split, s).exists()]
         barrier()
         bar = tqdm(total=len(todo), desc=f"reference log-probs ({split})", unit=" chunks", disable=not progress or not todo,
                    mininterval=1.0)
-        for start in starts:
-            indices = list(range(start, min(start + self.chunk, len(dataset))))
-            ids = response_ids(dataset, indices)
-            path = self._part(split, start)
-            if start not in todo:
-                part = np.load(path)
-            else:
-                rows = []
-                with torch.no_grad():
-                    for s in range(0, len(indices), batch_size):
-                        batch = collate_preferences(dataset, indices[s:s + batch_size], layout, pad_id)
-                        rows.append(batch_sums(forward(batch), batch).cpu())
-                part = torch.cat(rows).numpy()
+
+        def chunk(start: int) -> list[int]:
+            return list(range(start, min(start + self.chunk, len(dataset))))
+
+        computed: dict[int, np.ndarray] = {}
+        for first in range(0, len(todo), dp_size):
+            group = todo[first:first + dp_size]  # this round's chunks, one per data-parallel rank
+            mine = chunk(group[dp_rank]) if dp_rank < len(group) else []
+            n_batches = max(-(-len(chunk(s)) // batch_size) for s in group)
+            rows = []
+            with torch.no_grad():
+                for b in range(n_batches):
+                    indices = mine[b * batch_size:(b + 1) * batch_size]
+                    batch = collate_preferences(dataset, indices or chunk(group[0])[:batch_size], layout, pad_id)
+                    sums = batch_sums(forward(batch), batch).cpu()
+                    if indices:  # else a repeat that keeps the ranks in step
+                        rows.append(sums)
+            part = torch.cat(rows).numpy() if rows else None
+            parts = [part]
+            if dp_size > 1:
+                parts = [None] * dp_size
+                torch.distributed.all_gather_object(parts, part, group=dp_group)
+            for start, got in zip(group, parts):
+                computed[start] = got
                 if self.write:
-                    with atomic_open(path, "wb") as f:
-                        np.save(f, part)
-                bar.update(1)
+                    with atomic_open(self._part(split, start), "wb") as f:
+                        np.save(f, got)
+            bar.update(len(group))
+        bar.close()
+        for start in starts:
+            ids = response_ids(dataset, chunk(start))
+            path = self._part(split, start)
+            part = computed[start] if start in computed else np.load(path)
             if part.shape != (len(ids), len(COLUMNS)):
                 raise HerdError(f"{path} holds {part.shape} values, expected {(len(ids), len(COLUMNS))}; delete "
                                 f"{self.folder} to compute the reference log-probs again.")
             out[ids] = part
-        bar.close()
         return out
