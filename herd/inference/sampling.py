@@ -203,6 +203,23 @@ def _filter_candidates(vals: Tensor, ids: Tensor, log_z: Tensor, params: Samplin
     return (ids, probs * keep) if covered else None
 
 
+def filtered_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """sampling_probs for one row of logits [V] -> [V], through sampling_support (no vocabulary sort when the
+    candidates hold the kept tokens): for callers that need the whole distribution (speculative decoding)."""
+    support = sampling_support(logits, params)
+    if support is None:
+        return sampling_probs(logits.unsqueeze(0), params)[0]
+    ids, weights = support
+    return torch.zeros(logits.shape[-1], dtype=weights.dtype, device=weights.device).index_put_(
+        (ids,), weights / weights.sum())
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn from a distribution [V] (non-negative, any scale) by inverse CDF (torch.multinomial's
+    result distribution at a fraction of its cost on a large vocabulary)."""
+    return _draw(probs, generator)
+
+
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One draw from sampling_probs(logits, params) for one non-greedy row of logits [V].
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from herd.errors import HerdError
 from herd.inference.engine import GenerationResult, TokenEvent, _params_list
-from herd.inference.sampling import SamplingParams, sampling_probs
+from herd.inference.sampling import SamplingParams, draw, filtered_probs
 from herd.model import KVCache, Transformer
 
 
@@ -85,11 +85,11 @@ def verify(p: Tensor, q: Tensor, draft: Sequence[int], greedy: bool,
     rejected = (u >= ratio).tolist()  # u < min(1, ratio) accepts
     a = rejected.index(True) if True in rejected else k
     if a == k:
-        return k, int(torch.multinomial(p[k], 1, generator=generator))
+        return k, draw(p[k], generator)
     residual = (p[a] - q[a]).clamp(min=0)
     if residual.sum() <= 0:  # only by rounding: p_a == q_a would have accepted
         residual = p[a]
-    return a, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return a, draw(residual, generator)
 
 
 class SpeculativeDecoder:
@@ -205,13 +205,13 @@ class SpeculativeDecoder:
                     if greedy:
                         tok = int(logits.argmax())
                     else:
-                        q = sampling_probs(logits.unsqueeze(0), params)[0]
+                        q = filtered_probs(logits, params)
                         q_rows.append(q)
-                        tok = int(torch.multinomial(q, 1, generator=gen))
+                        tok = draw(q, gen)
                     draft.append(tok)
                     feed = [tok]
                 t_logits = self._forward(self.target, self.t_cache, [seq[-1]] + draft, len(seq) - 1)  # [k + 1, V]
-                p = t_logits if greedy else sampling_probs(t_logits, params)
+                p = t_logits if greedy else torch.stack([filtered_probs(row, params) for row in t_logits])
                 a, extra = verify(p, torch.stack(q_rows) if q_rows else p[:0], draft, greedy, gen)
                 new = draft[:a] + [extra]
                 self.stats.rounds += 1
