@@ -49,7 +49,8 @@ def hf_draw(warpers, row: torch.Tensor, g: torch.Generator) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=200, help="rows drawn per variant, setting and round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -59,7 +60,8 @@ def main() -> None:
                                                         TopPLogitsWarper)
 
     rows = zipf_rows(args.draws)
-    print(f"vocabulary {VOCAB:,}, {args.draws} Zipf-shaped rows, {args.threads} thread(s), median of {args.rounds} rounds")
+    print(f"vocabulary {VOCAB:,}, {args.draws} Zipf-shaped rows, {args.threads} thread(s), "
+          f"median of {args.rounds} rounds")
     print(f"{'setting':34} {'herd ms':>8} {'herd before':>12} {'transformers':>13} {'vs transformers':>16}")
     for name, fields in SETTINGS.items():
         params = SamplingParams(**fields)

@@ -215,7 +215,8 @@ def test_sampling_support_equals_the_filters(kind):
     deferred, served = 0, set()
     for trial in range(4):
         if kind == "peaked":  # a trained LM's next-token logits: a few likely tokens, a long tail
-            logits = torch.randn(vocab, generator=gen) * 2.5 + torch.where(torch.rand(vocab, generator=gen) < 0.01, 6.0, 0.0)
+            spikes = torch.where(torch.rand(vocab, generator=gen) < 0.01, 6.0, 0.0)
+            logits = torch.randn(vocab, generator=gen) * 2.5 + spikes
         elif kind == "flat":  # a random model: the nucleus holds most of the vocabulary
             logits = torch.randn(vocab, generator=gen) * 0.1
         else:  # many equal logits, also at the k-th place
@@ -258,6 +259,16 @@ def test_sample_token_draws_follow_the_filtered_distribution():
     g = p.make_generator()
     freq = torch.bincount(torch.tensor([sample_token(LOGITS, p, g) for _ in range(4000)]), minlength=4).float() / 4000
     torch.testing.assert_close(freq, PROBS.sqrt() / PROBS.sqrt().sum(), atol=0.03, rtol=0)
+
+
+def test_nan_logits_are_an_error_not_tokens():
+    torch.manual_seed(1)
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.norm.weight[0] = float("nan")  # every logit becomes NaN
+    for params in (SamplingParams(temperature=0, max_new_tokens=2), SamplingParams(temperature=0.8, max_new_tokens=2)):
+        with pytest.raises(HerdError, match="NaN logits"):
+            Engine(broken, max_batch_size=1, max_seq_len=32).generate([[1, 2, 3]], params)
 
 
 def test_bad_requests_raise_herd_error(model):

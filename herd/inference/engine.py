@@ -33,8 +33,8 @@ from torch import Tensor
 
 from herd.errors import HerdError
 from herd.inference.kv_pool import SCRATCH_BLOCK, BlockManager, KVPool, PagedStep
-from herd.inference.sampling import (SamplingParams, TokenConstraint, apply_penalties, constrained_token,
-                                     next_tokens, token_logprobs, top_logprobs)
+from herd.inference.sampling import (SamplingParams, TokenConstraint, apply_penalties, check_logits,
+                                     constrained_token, next_tokens, token_logprobs, top_logprobs)
 from herd.inference.scheduler import Scheduler, Sequence
 from herd.model import Transformer
 
@@ -337,6 +337,7 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[TokenEvent]:
         """Choose each row's next token, append it, finish the requests that are done."""
         logits = logits[:, :self.vocab_limit]
+        check_logits(logits)
         plist = [s.params for s in seqs]
         adjusted = logits
         if any(p.penalized for p in plist):

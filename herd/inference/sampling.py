@@ -92,6 +92,13 @@ class SamplingParams:
         return g
 
 
+def check_logits(logits: Tensor) -> None:
+    """HerdError when logits hold NaN: greedy and sampled decoding would both pick arbitrary tokens, silently."""
+    if torch.isnan(logits).any():
+        raise HerdError("the model produced NaN logits (its weights hold NaN, or the compute dtype overflows); "
+                        "run it with --dtype float32, or check the checkpoint it was saved from.")
+
+
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     """logits / temperature (temperature > 0). [..., V] -> [..., V]"""
     return logits / temperature

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from herd.errors import HerdError
 from herd.inference.engine import GenerationResult, TokenEvent, _params_list
-from herd.inference.sampling import SamplingParams, draw, filtered_probs
+from herd.inference.sampling import SamplingParams, check_logits, draw, filtered_probs
 from herd.model import KVCache, Transformer
 
 
@@ -211,6 +211,7 @@ class SpeculativeDecoder:
                     draft.append(tok)
                     feed = [tok]
                 t_logits = self._forward(self.target, self.t_cache, [seq[-1]] + draft, len(seq) - 1)  # [k + 1, V]
+                check_logits(t_logits)
                 p = t_logits if greedy else torch.stack([filtered_probs(row, params) for row in t_logits])
                 a, extra = verify(p, torch.stack(q_rows) if q_rows else p[:0], draft, greedy, gen)
                 new = draft[:a] + [extra]

@@ -128,8 +128,8 @@ class ReferenceCache:
         # decided once, before any rank writes: every rank then runs the same forwards (FSDP's collectives)
         todo = [s for s in starts if not self._part(split, s).exists()]
         barrier()
-        bar = tqdm(total=len(todo), desc=f"reference log-probs ({split})", unit=" chunks", disable=not progress or not todo,
-                   mininterval=1.0)
+        bar = tqdm(total=len(todo), desc=f"reference log-probs ({split})", unit=" chunks",
+                   disable=not progress or not todo, mininterval=1.0)
 
         def chunk(start: int) -> list[int]:
             return list(range(start, min(start + self.chunk, len(dataset))))
